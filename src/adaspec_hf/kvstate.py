@@ -1,0 +1,250 @@
+"""One model's batched KV cache with holes, and the masked forward pass over it.
+
+Rejected draft nodes stay in the cache as *holes* (masked out), so a verify step never copies the
+cache; :meth:`KVState.compact` gathers the live slots when holes pile up. Every slot carries its
+token position, so masks (causal, tree, sliding window) are built from positions, never from
+slot indices. Masks are float and additive: a boolean 4-D mask is silently wrong under eager
+attention (see DESIGN.md).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """How a model wants its 4-D mask: one mask, or one per layer type (hybrid models)."""
+
+    window: int | None  # sliding window for the single mask (Mistral-style), else None
+    per_layer_type: tuple[str, ...] | None = None  # layer types when the model takes a dict
+    layer_window: int | None = None  # window of "sliding_attention" layers in the dict case
+
+
+def mask_spec_for(model: PreTrainedModel) -> MaskSpec:
+    """Read the attention layout from the config; refuse layouts we cannot mask exactly."""
+    cfg = model.config
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    if impl not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"{type(model).__name__} uses attn_implementation={impl!r}; adaspec-hf needs a custom "
+            f"4-D float mask for tree verification, which only {SUPPORTED_ATTENTION} accept. Load the "
+            "model with attn_implementation='sdpa' (or 'eager')."
+        )
+    layer_types = getattr(cfg, "layer_types", None)
+    window = getattr(cfg, "sliding_window", None)
+    if layer_types:
+        kinds = set(layer_types)
+        unknown = kinds - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ValueError(f"unsupported attention layer types {sorted(unknown)} in {type(model).__name__}")
+        if "sliding_attention" in kinds:
+            if not window:
+                raise ValueError("sliding_attention layers but no config.sliding_window")
+            return MaskSpec(window=None, per_layer_type=tuple(sorted(kinds)), layer_window=int(window))
+        return MaskSpec(window=None)
+    if window and getattr(cfg, "use_sliding_window", True):
+        return MaskSpec(window=int(window))
+    return MaskSpec(window=None)
+
+
+def check_cache_support(model: PreTrainedModel) -> None:
+    """A model we cannot drive through a DynamicCache gets a clear error up front."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError("adaspec-hf supports decoder-only causal LMs; got an encoder-decoder model")
+    if not getattr(model, "_supports_cache_class", True) or getattr(model.config, "use_cache", True) is False:
+        raise ValueError(f"{type(model).__name__} does not support a KV cache (config.use_cache=False?)")
+    params = inspect.signature(model.forward).parameters
+    for name in ("past_key_values", "position_ids", "attention_mask"):
+        if name not in params:
+            raise ValueError(f"{type(model).__name__}.forward takes no `{name}`: no KV-cache support")
+    mask_spec_for(model)
+
+
+class KVState:
+    """KV cache of ``B`` rows with per-slot validity and positions.
+
+    ``valid[b, s]`` says whether slot ``s`` holds a committed token of row ``b`` (False for left
+    padding, holes and not-yet-accepted speculative slots); ``pos[b, s]`` is that token's position.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.spec = mask_spec_for(model)
+        self.cache = DynamicCache()
+        dev = model.device
+        self.valid = torch.zeros(0, 0, dtype=torch.bool, device=dev)
+        self.pos = torch.zeros(0, 0, dtype=torch.long, device=dev)
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    # ---------------------------------------------------------------- sizes
+    @property
+    def rows(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    @property
+    def hole_fraction(self) -> float:
+        return 0.0 if self.valid.numel() == 0 else 1.0 - float(self.valid.float().mean())
+
+    # -------------------------------------------------------------- forwards
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the (left-padded) prompts exactly as HF ``generate`` does; return last logits (B, V)."""
+        attention_mask = attention_mask.to(torch.long)
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        kwargs = {"logits_to_keep": 1} if self._takes_logits_to_keep else {}
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=self.cache, use_cache=True, **kwargs,
+        )
+        self.valid = attention_mask.bool()
+        self.pos = position_ids
+        return out.logits[:, -1, :]
+
+    def build_mask(
+        self, positions: torch.Tensor, new_visible: torch.Tensor, old_visible: torch.Tensor | None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Float additive mask (B, 1, q, S+q) from slot validity, extra visibility and positions."""
+        b, q = positions.shape
+        cache_vis = self.valid[:, None, :].expand(b, q, self.length)
+        if old_visible is not None:
+            cache_vis = cache_vis | old_visible
+        vis = torch.cat([cache_vis, new_visible], dim=2)  # (B, q, S+q)
+        key_pos = torch.cat([self.pos, positions], dim=1)
+        dtype = self.model.dtype
+        neg = torch.finfo(dtype).min
+
+        def to_float(v: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(v.shape, dtype=dtype, device=v.device).masked_fill_(~v, neg)[:, None]
+
+        def windowed(w: int) -> torch.Tensor:
+            near = (positions[:, :, None] - key_pos[:, None, :]) < w
+            return vis & near
+
+        spec = self.spec
+        if spec.per_layer_type is not None:
+            masks = {"full_attention": to_float(vis)}
+            masks["sliding_attention"] = to_float(windowed(spec.layer_window))
+            return masks
+        if spec.window is not None:
+            return to_float(windowed(spec.window))
+        return to_float(vis)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        new_visible: torch.Tensor,
+        old_visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Append ``q`` tokens per row as *uncommitted* slots and return their logits (B, q, V).
+
+        ``new_visible`` (B, q, q): which of the new tokens each new token sees (itself included);
+        ``old_visible`` (B, q, S): extra already-cached slots to see besides the committed ones
+        (e.g. ancestors drafted at an earlier tree level).
+        """
+        mask = self.build_mask(positions, new_visible, old_visible)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions,
+            past_key_values=self.cache, use_cache=True,
+        )
+        self.valid = torch.cat([self.valid, torch.zeros_like(positions, dtype=torch.bool)], dim=1)
+        self.pos = torch.cat([self.pos, positions], dim=1)
+        return out.logits
+
+    # ------------------------------------------------------------ bookkeeping
+    def commit(self, slots: torch.Tensor, keep: torch.Tensor) -> None:
+        """Mark ``slots`` (B, k) as committed where ``keep`` (B, k) is True."""
+        keep = keep & (slots >= 0)
+        if bool(keep.any()):
+            rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)
+            self.valid[rows[keep], slots[keep]] = True
+
+    def _layers(self):
+        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", True)]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (finished requests stop costing compute)."""
+        for layer in self._layers():
+            layer.keys = layer.keys.index_select(0, rows)
+            layer.values = layer.values.index_select(0, rows)
+        self.valid = self.valid.index_select(0, rows)
+        self.pos = self.pos.index_select(0, rows)
+        self.trim()
+
+    def trim(self) -> None:
+        """Drop leading slots that no row uses (cheap: a view)."""
+        if self.length == 0:
+            return
+        used = self.valid.any(0)
+        if not bool(used.any()):
+            first = self.length
+        else:
+            first = int(torch.argmax(used.to(torch.int8)))
+        if first == 0:
+            return
+        for layer in self._layers():
+            layer.keys = layer.keys[:, :, first:]
+            layer.values = layer.values[:, :, first:]
+        self.valid = self.valid[:, first:]
+        self.pos = self.pos[:, first:]
+
+    def compact(self) -> None:
+        """Gather every row's committed slots to the right; holes and padding go left and shrink."""
+        s = self.length
+        if s == 0:
+            return
+        counts = self.valid.sum(1)
+        keep = int(counts.max())
+        ar = torch.arange(s, device=self.valid.device)
+        key = torch.where(self.valid, s + ar, ar - s)  # invalid first, then valid in order
+        idx = torch.argsort(key, dim=1, stable=True)[:, s - keep:]
+        for layer in self._layers():
+            h, d = layer.keys.shape[1], layer.keys.shape[3]
+            gi = idx[:, None, :, None].expand(-1, h, -1, d)
+            layer.keys = layer.keys.gather(2, gi)
+            hv, dv = layer.values.shape[1], layer.values.shape[3]
+            layer.values = layer.values.gather(2, idx[:, None, :, None].expand(-1, hv, -1, dv))
+        self.valid = self.valid.gather(1, idx)
+        self.pos = self.pos.gather(1, idx)
+
+    def maybe_compact(self, threshold: float = 0.5, min_length: int = 64) -> bool:
+        if self.length >= min_length and self.hole_fraction > threshold:
+            self.compact()
+            return True
+        return False
+
+    def append_rows(self, other: "KVState") -> None:
+        """Concatenate another state's rows below ours (continuous batching), left-padding to align."""
+        if self.rows == 0:
+            self.cache, self.valid, self.pos = other.cache, other.valid, other.pos
+            return
+        s1, s2 = self.length, other.length
+        width = max(s1, s2)
+
+        def pad(t: torch.Tensor, n: int, fill) -> torch.Tensor:
+            if n == 0:
+                return t
+            shape = list(t.shape)
+            dim = 2 if t.dim() == 4 else 1
+            shape[dim] = n
+            return torch.cat([torch.full(shape, fill, dtype=t.dtype, device=t.device), t], dim=dim)
+
+        mine, theirs = self._layers(), other._layers()
+        if len(mine) != len(theirs):
+            raise RuntimeError("cannot merge caches with different layer counts")
+        for a, b in zip(mine, theirs):
+            a.keys = torch.cat([pad(a.keys, width - s1, 0), pad(b.keys, width - s2, 0)], dim=0)
+            a.values = torch.cat([pad(a.values, width - s1, 0), pad(b.values, width - s2, 0)], dim=0)
+        self.valid = torch.cat([pad(self.valid, width - s1, False), pad(other.valid, width - s2, False)])
+        self.pos = torch.cat([pad(self.pos, width - s1, 0), pad(other.pos, width - s2, 0)])

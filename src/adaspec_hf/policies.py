@@ -1,0 +1,134 @@
+"""Draft policies: who drafts, how deep and how wide, decided per step and per row.
+
+The drafter asks a policy twice per step: :meth:`DraftPolicy.max_depth` before any draft work
+(0 for every row skips the draft model entirely), then :meth:`DraftPolicy.choose` at each tree
+level with the real draft probabilities of the candidates, and finally :meth:`DraftPolicy.select`
+picks the nodes to verify. :meth:`DraftPolicy.observe` sees each step's outcome.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .tree import DraftTree
+
+
+@dataclass
+class StepContext:
+    """What a policy knows before drafting."""
+
+    rows: int
+    context_len: torch.Tensor  # (B,) committed tokens per row
+    remaining: torch.Tensor  # (B,) tokens each row may still emit
+    sampling: bool
+    step: int
+
+
+@dataclass
+class LevelContext:
+    """Candidates for tree level ``level`` (depth of the nodes about to be added)."""
+
+    level: int
+    cand_path_prob: torch.Tensor  # (B, C) path probability, sorted descending; 0 = no candidate
+    cand_prob: torch.Tensor  # (B, C) draft probability of the candidate token itself
+    tree: DraftTree  # nodes added so far (unpacked; may contain padding)
+    step: StepContext
+    max_depth: torch.Tensor  # (B,) the depth bound from max_depth()
+
+
+@dataclass
+class StepOutcome:
+    """What happened in a step, for online adaptation."""
+
+    tree: DraftTree  # verified tree (packed)
+    n_accepted: torch.Tensor  # (B,)
+    tested: torch.Tensor  # (B, N)
+    accept_prob: torch.Tensor  # (B, N)
+    accepted: torch.Tensor  # (B, N)
+    step_time: float
+    draft_time: float
+    verify_time: float
+    context_len: torch.Tensor  # (B,)
+
+
+class DraftPolicy:
+    """Base policy: chains (one child per node); subclasses override the decisions."""
+
+    name = "base"
+    max_children = 1  # top children per frontier node offered as candidates
+
+    def max_depth(self, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def choose(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n_add, n_expand) per row: nodes to add at this level, and how many of them to expand."""
+        b = ctx.cand_path_prob.shape[0]
+        go = ctx.max_depth >= ctx.level
+        n_add = go.long()
+        n_expand = (ctx.max_depth > ctx.level).long()
+        return n_add, n_expand
+
+    def select(self, tree: DraftTree, ctx: StepContext) -> torch.Tensor:
+        """Nodes to verify (B, N) bool; must be closed under ancestors. Default: all."""
+        return tree.valid
+
+    def observe(self, outcome: StepOutcome) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+
+class StaticChain(DraftPolicy):
+    """Fixed draft length ``k`` for every row and step (``k=0``: no speculation)."""
+
+    def __init__(self, k: int):
+        if k < 0:
+            raise ValueError(f"draft length must be >= 0, got {k}")
+        self.k = int(k)
+        self.name = f"static-{k}"
+
+    def max_depth(self, ctx: StepContext) -> torch.Tensor:
+        return torch.full_like(ctx.context_len, self.k)
+
+
+@dataclass
+class TreeShape:
+    """Per-row decisions for :class:`ShapeFunction` policies: nodes added / expanded per level."""
+
+    adds: list[int] = field(default_factory=list)
+    expands: list[int] = field(default_factory=list)
+
+
+class ShapeFunction(DraftPolicy):
+    """Caller-decided shapes: ``fn(step, row) -> TreeShape`` (or an int k for a chain).
+
+    Level ``d`` adds ``adds[d-1]`` nodes (best path probabilities among the children of the
+    previous level's expanded nodes) and expands the best ``expands[d-1]`` of them.
+    """
+
+    name = "shape-fn"
+
+    def __init__(self, fn: Callable[[int, int], "TreeShape | int"], max_children: int = 4):
+        self.fn = fn
+        self.max_children = max_children
+        self._shapes: list[TreeShape] = []
+
+    def max_depth(self, ctx: StepContext) -> torch.Tensor:
+        shapes = []
+        for r in range(ctx.rows):
+            s = self.fn(ctx.step, r)
+            if isinstance(s, int):
+                s = TreeShape(adds=[1] * s, expands=[1] * max(s - 1, 0))
+            shapes.append(s)
+        self._shapes = shapes
+        return torch.tensor([len(s.adds) for s in shapes], dtype=torch.long, device=ctx.context_len.device)
+
+    def choose(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        d = ctx.level - 1
+        add = [s.adds[d] if d < len(s.adds) else 0 for s in self._shapes]
+        exp = [s.expands[d] if d < len(s.expands) else 0 for s in self._shapes]
+        dev = ctx.cand_path_prob.device
+        return torch.tensor(add, device=dev), torch.tensor(exp, device=dev)
