@@ -1,0 +1,222 @@
+"""Acceptance model: P(target accepts a drafted node | its parent was accepted).
+
+Why: the planner's expected tokens are sums of path products of these probabilities, and the raw draft
+probability is a biased estimate of them (drafts are over-confident on hard text, under-confident on
+loops). We start from the identity (pred = draft prob) and calibrate online from verify outcomes.
+
+Model: ``pred(p, d) = clamp((p + delta(p)) * f(d), 0, 1)``.
+- ``delta`` is a binned residual calibration: per bin of draft probability, the observed mean of
+  ``outcome - p`` shrunk toward 0 by a Beta-style prior of ``prior_strength`` pseudo-observations at
+  the identity; made monotone (isotonic, pool-adjacent-violators over the bins) and interpolated
+  linearly between bin centres, so the map is continuous and non-decreasing in ``p``.
+- ``f(d)`` is an optional multiplicative depth factor (observed / predicted per depth, shrunk to 1).
+Statistics decay with a half-life in samples so calibration follows drifting text.
+All work is vectorised over nodes (bincount, gather); the only Python loop is over the ~10 bins, and
+it runs at most once per :meth:`update`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class AcceptanceModel:
+    """Calibrated per-node acceptance probability from draft probability and depth."""
+
+    def __init__(self, n_bins: int = 10, *, max_depth: int = 16, depth_adjust: bool = True,
+                 prior_strength: float = 20.0, depth_prior_strength: float = 50.0,
+                 half_life: float | None = 5000.0, depth_bounds: tuple[float, float] = (0.25, 4.0)) -> None:
+        self.n_bins = int(n_bins)
+        self.max_depth = int(max_depth)
+        self.depth_adjust = bool(depth_adjust)
+        self.prior_strength = float(prior_strength)
+        self.depth_prior_strength = float(depth_prior_strength)
+        self.half_life = half_life
+        self.depth_bounds = (float(depth_bounds[0]), float(depth_bounds[1]))
+        # All sufficient statistics in one float64 vector, so that decay and accumulation are one op
+        # each: [n | sum_y | sum_p] per probability bin, then [sum_y | sum_pred] per depth.
+        self.stats = torch.zeros(3 * self.n_bins + 2 * (self.max_depth + 1), dtype=torch.float64)
+        self.seen = 0.0
+        self._res = 16 * self.n_bins  # lookup-table resolution; bin centres fall on its knots
+        self._centers = (np.arange(self.n_bins) + 0.5) / self.n_bins
+        self._grid = np.linspace(0.0, 1.0, self._res + 1)
+        self._luts: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._cpu_lut: torch.Tensor | None = None
+
+    # -- statistics views ------------------------------------------------------------------------
+    @property
+    def n(self) -> torch.Tensor:
+        return self.stats[: self.n_bins]
+
+    @property
+    def sum_y(self) -> torch.Tensor:
+        return self.stats[self.n_bins: 2 * self.n_bins]
+
+    @property
+    def sum_p(self) -> torch.Tensor:
+        return self.stats[2 * self.n_bins: 3 * self.n_bins]
+
+    @property
+    def depth_y(self) -> torch.Tensor:
+        o = 3 * self.n_bins
+        return self.stats[o: o + self.max_depth + 1]
+
+    @property
+    def depth_pred(self) -> torch.Tensor:
+        o = 3 * self.n_bins + self.max_depth + 1
+        return self.stats[o:]
+
+    # -- tables ----------------------------------------------------------------------------------
+    def calibration(self) -> tuple[np.ndarray, np.ndarray]:
+        """(isotonic calibrated rate at bin centres, depth factors), float64 numpy.
+
+        numpy, not torch: these are ~10-element vectors, where per-op overhead is all that counts.
+        """
+        B = self.n_bins
+        st = self.stats.numpy()
+        n, sy, sp = st[:B], st[B:2 * B], st[2 * B:3 * B]
+        centers = self._centers
+        rate = (centers + (sy - sp) / (n + self.prior_strength)).tolist()
+        w = (n + self.prior_strength).tolist()
+        # pool adjacent violators: make the rate at bin centres non-decreasing in draft prob
+        blocks: list[list[float]] = []  # [value, weight, count]
+        for v, wt in zip(rate, w):
+            blocks.append([v, wt, 1])
+            while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+                v2, w2, c2 = blocks.pop()
+                v1, w1, c1 = blocks.pop()
+                blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+        iso = np.asarray([b[0] for b in blocks for _ in range(b[2])])
+        if self.depth_adjust:
+            D = self.max_depth + 1
+            dy, dp = st[3 * B:3 * B + D], st[3 * B + D:]
+            kd = self.depth_prior_strength
+            f = np.clip((dy + kd) / (dp + kd), *self.depth_bounds)
+        else:
+            f = np.ones(1)
+        return iso, f
+
+    def _lut(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(depths + 1, res + 1) table of predictions on a grid of draft probs (exact at the knots).
+
+        Row d is depth d (row 0 only, without depth adjustment); the last row is depth-free.
+        """
+        if self._cpu_lut is None:
+            iso, f = self.calibration()
+            centers, grid = self._centers, self._grid
+            # np.interp extends the end values: delta is constant beyond the outer bin centres
+            base = np.clip(grid + np.interp(grid, centers, iso - centers), 0.0, 1.0)
+            lut = np.concatenate([np.clip(base[None, :] * f[:, None], 0.0, 1.0), base[None, :]])
+            self._cpu_lut = torch.from_numpy(lut)
+            self._luts.clear()
+        key = (device, dtype)
+        if key not in self._luts:
+            self._luts[key] = self._cpu_lut.to(device, dtype)
+        return self._luts[key]
+
+    # -- public API ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, draft_prob: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor:
+        """Acceptance probability of each node (same shape as ``draft_prob``, on its device).
+
+        ``depth`` is 1 for a child of the last committed token, 2 for its child, ... (broadcastable).
+        """
+        p = draft_prob.detach()
+        if not p.is_floating_point():
+            p = p.float()
+        lut = self._lut(p.device, p.dtype)
+        R = self._res
+        u = p.clamp(0.0, 1.0) * R
+        i0 = u.floor().long().clamp_(max=R - 1)
+        w = u - i0
+        if self.depth_adjust:
+            d = torch.as_tensor(depth, device=p.device).long().clamp(0, self.max_depth)
+            lo, hi = lut[d, i0], lut[d, i0 + 1]
+        else:
+            lo, hi = lut[0, i0], lut[0, i0 + 1]
+        return lo + w * (hi - lo)
+
+    @torch.no_grad()
+    def update(self, draft_prob: torch.Tensor, depth: torch.Tensor | int, accepted: torch.Tensor) -> None:
+        """Learn from verified nodes.
+
+        Pass only nodes that were actually tested, i.e. whose parent was accepted (for a chain: the
+        accepted prefix and the first rejected node). ``accepted`` is 0/1 (greedy) or, for sampling,
+        the acceptance rule's own probability for the node (a lower-variance float target).
+        """
+        p = draft_prob.detach().reshape(-1).to("cpu", torch.float64).clamp(0.0, 1.0)
+        n = p.numel()
+        if n == 0:
+            return
+        y = torch.as_tensor(accepted).detach().to("cpu", torch.float64).expand_as(draft_prob).reshape(-1)
+        B, D = self.n_bins, self.max_depth + 1
+        b = (p * B).long().clamp_(0, B - 1)
+        if self.depth_adjust:
+            d = torch.as_tensor(depth).detach().to("cpu").long().expand_as(draft_prob).reshape(-1)
+            d = d.clamp(0, self.max_depth)
+            # depth-free prediction under the calibration before this batch (honest residuals):
+            # the last row of the lookup table
+            lut = self._lut(torch.device("cpu"), torch.float64)
+            u = p * self._res
+            i0 = u.floor().long().clamp_(max=self._res - 1)
+            base = torch.lerp(lut[-1, i0], lut[-1, i0 + 1], u - i0)
+            idx = torch.cat([b, b + B, b + 2 * B, d + 3 * B, d + 3 * B + D])
+            wts = torch.cat([torch.ones_like(p), y, p, y, base])
+        else:
+            idx = torch.cat([b, b + B, b + 2 * B])
+            wts = torch.cat([torch.ones_like(p), y, p])
+        if self.half_life:
+            self.stats.mul_(0.5 ** (n / self.half_life))
+        self.stats += torch.bincount(idx, weights=wts, minlength=self.stats.numel())
+        self.seen += n
+        self._cpu_lut = None
+
+    @torch.no_grad()
+    def ece(self, draft_prob: torch.Tensor, depth: torch.Tensor | int, outcome: torch.Tensor,
+            n_bins: int = 10) -> float:
+        """Expected calibration error of this model's predictions on (draft_prob, depth, outcome)."""
+        pred = self.predict(draft_prob, depth)
+        return expected_calibration_error(pred, torch.as_tensor(outcome), n_bins)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Config + statistics (tensors and plain numbers), for torch.save or JSON via .tolist()."""
+        return {
+            "config": {"n_bins": self.n_bins, "max_depth": self.max_depth, "depth_adjust": self.depth_adjust,
+                       "prior_strength": self.prior_strength, "depth_prior_strength": self.depth_prior_strength,
+                       "half_life": self.half_life, "depth_bounds": list(self.depth_bounds)},
+            "stats": self.stats.clone(),
+            "seen": self.seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        cfg = dict(state.get("config", {}))
+        if cfg:
+            cfg["depth_bounds"] = tuple(cfg.get("depth_bounds", self.depth_bounds))
+            self.__init__(**cfg)  # type: ignore[misc]
+        stats = torch.as_tensor(state["stats"], dtype=torch.float64).clone()
+        if stats.shape != self.stats.shape:
+            raise ValueError(f"stats of shape {tuple(stats.shape)} do not fit {tuple(self.stats.shape)}")
+        self.stats = stats
+        self.seen = float(state.get("seen", 0.0))
+        self._cpu_lut = None
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "AcceptanceModel":
+        m = cls()
+        m.load_state_dict(state)
+        return m
+
+
+def expected_calibration_error(pred: torch.Tensor, outcome: torch.Tensor, n_bins: int = 10) -> float:
+    """Sum over equal-width bins of predicted probability: (bin share) * |mean pred - mean outcome|."""
+    pred = pred.detach().reshape(-1).to("cpu", torch.float64)
+    y = outcome.detach().reshape(-1).to("cpu", torch.float64)
+    if pred.numel() == 0:
+        return math.nan
+    b = (pred * n_bins).long().clamp(0, n_bins - 1)
+    sp = torch.bincount(b, weights=pred, minlength=n_bins)
+    sy = torch.bincount(b, weights=y, minlength=n_bins)
+    return float((sp - sy).abs().sum() / pred.numel())

@@ -1,0 +1,328 @@
+"""Latency model: forward time of target and draft predicted from a measured :class:`Profile`.
+
+Why interpolation and not a fitted curve: measured costs are not smooth or even monotone (on CPU a
+2-token verify was slower than an 8-token one; on GPU cost is flat until compute-bound), and the
+planner's decisions hinge on exactly those kinks. So inside the measured grid we interpolate
+piecewise-linearly per axis (rows, tokens per row, context) -- exact on grid points. Linear (not log)
+coordinates are used because trilinear interpolation then reproduces any cost of the form
+``a + b*R*T + c*R*T*C + d*R*C`` exactly, i.e. the roofline form is never worse than the fit between
+points. A least-squares roofline fit of that form is used only beyond the grid: the prediction at the
+nearest grid boundary is scaled by ``fit(x) / fit(boundary)``, which keeps it continuous and growing
+with rows x tokens. Grid cells that were not measured (caps, time budget) are filled the same way.
+
+Online correction: :meth:`LatencyModel.observe` keeps a bounded EMA (in log space) of the ratio
+observed / predicted per model, applied to all its predictions.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .profiler import Profile
+
+_AXES = ("rows", "tokens", "context")
+
+
+def _features(r: np.ndarray, t: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Roofline-like terms: fixed, compute (R*T), attention (R*T*C), KV read (R*C)."""
+    one = np.ones_like(r, dtype=float)
+    return np.stack([one, r * t, r * t * c, r * c], axis=-1)
+
+
+class RooflineFit:
+    """``a + b*R*T + c*R*T*C + d*R*C`` with non-negative coefficients, fit on relative error."""
+
+    def __init__(self, coef: Sequence[float]) -> None:
+        self.coef = [float(x) for x in coef]
+
+    @classmethod
+    def fit(cls, points: np.ndarray) -> "RooflineFit":
+        P = np.asarray(points, dtype=float)
+        X = _features(P[:, 0], P[:, 1], P[:, 2])
+        y = P[:, 3]
+        w = 1.0 / np.maximum(y, 1e-12)  # relative error: small points matter as much as big ones
+        scale = np.maximum(np.abs(X).max(axis=0), 1e-12)
+        Xs = X / scale
+        best: tuple[float, np.ndarray] | None = None
+        # Tiny active-set NNLS: try every subset of terms that contains a growth term (R*T or R*T*C).
+        for k in range(1, 5):
+            for cols in itertools.combinations(range(4), k):
+                if 1 not in cols and 2 not in cols:
+                    continue
+                A = Xs[:, cols] * w[:, None]
+                if np.linalg.matrix_rank(A) < len(cols):
+                    continue
+                sol, *_ = np.linalg.lstsq(A, y * w, rcond=None)
+                if np.any(sol < 0) or not np.any(sol[[i for i, c in enumerate(cols) if c in (1, 2)]] > 0):
+                    continue
+                res = float(np.sum((A @ sol - y * w) ** 2))
+                if best is None or res < best[0] - 1e-12:
+                    coef = np.zeros(4)
+                    coef[list(cols)] = sol / scale[list(cols)]
+                    best = (res, coef)
+        if best is None:  # degenerate data: proportional to rows*tokens
+            rt = P[:, 0] * P[:, 1]
+            return cls([0.0, float(y.sum() / max(rt.sum(), 1e-12)), 0.0, 0.0])
+        return cls(best[1])
+
+    def __call__(self, r: Any, t: Any, c: Any) -> Any:
+        a, b, cc, d = self.coef
+        return max(a + b * r * t + cc * r * t * c + d * r * c, 1e-12) if np.isscalar(r) and np.isscalar(t) and np.isscalar(c) \
+            else np.maximum(a + b * r * t + cc * r * t * c + d * r * c, 1e-12)
+
+
+def _bracket(ax: list[float], x: float) -> tuple[int, int, float]:
+    """Indices and weight of ``x`` (already clamped into ``ax``) between two grid values."""
+    if len(ax) == 1:
+        return 0, 0, 0.0
+    i = min(max(bisect.bisect_right(ax, x) - 1, 0), len(ax) - 2)
+    return i, i + 1, (x - ax[i]) / (ax[i + 1] - ax[i])
+
+
+class LatencyTable:
+    """One model's measured grid, filled where unmeasured, with interpolation + extrapolation."""
+
+    def __init__(self, points: Sequence[Sequence[float]]) -> None:
+        P = np.asarray(points, dtype=float).reshape(-1, 4)
+        if len(P) == 0:
+            raise ValueError("no measured points")
+        self.points = P
+        self.fit = RooflineFit.fit(P)
+        self.axes = [sorted(set(P[:, i].tolist())) for i in range(3)]
+        shape = tuple(len(a) for a in self.axes)
+        idx = [np.searchsorted(np.asarray(self.axes[i]), P[:, i]) for i in range(3)]
+        V = np.full(shape, np.nan)
+        V[idx[0], idx[1], idx[2]] = P[:, 3]
+        self.measured = ~np.isnan(V)
+        self.grid = self._fill(V)
+        self._grid_list = self.grid.tolist()  # fast scalar path
+
+    def _fill(self, V: np.ndarray) -> np.ndarray:
+        """Fill unmeasured cells: interpolate the ratio to the fit along tokens, then rows, then context."""
+        g = np.meshgrid(*[np.asarray(a) for a in self.axes], indexing="ij")
+        F = self.fit(g[0], g[1], g[2])
+        R = V / F
+        while np.isnan(R).any():
+            progressed = False
+            for axis in (1, 0, 2):
+                coords = np.asarray(self.axes[axis])
+                Rm = np.moveaxis(R, axis, -1)
+                for line in np.ndindex(Rm.shape[:-1]):
+                    vals = Rm[line]
+                    known = ~np.isnan(vals)
+                    if known.any() and not known.all():
+                        vals[~known] = np.interp(coords[~known], coords[known], vals[known])
+                        progressed = True
+            if not progressed:  # cannot happen with >= 1 point, but never loop forever
+                R[np.isnan(R)] = 1.0
+        return R * F
+
+    def _interp(self, r: float, t: float, c: float) -> float:
+        ir = _bracket(self.axes[0], r)
+        it = _bracket(self.axes[1], t)
+        ic = _bracket(self.axes[2], c)
+        G = self._grid_list
+        out = 0.0
+        for i, wi in ((ir[0], 1 - ir[2]), (ir[1], ir[2])):
+            if wi == 0.0:
+                continue
+            for j, wj in ((it[0], 1 - it[2]), (it[1], it[2])):
+                if wj == 0.0:
+                    continue
+                for k, wk in ((ic[0], 1 - ic[2]), (ic[1], ic[2])):
+                    if wk == 0.0:
+                        continue
+                    out += wi * wj * wk * G[i][j][k]
+        return out
+
+    def predict(self, rows: float, tokens: float, context: float) -> float:
+        """Seconds for one forward of ``tokens`` new tokens in each of ``rows`` rows over ``context``."""
+        if rows <= 0 or tokens <= 0:
+            return 0.0
+        ax = self.axes
+        qr = min(max(rows, ax[0][0]), ax[0][-1])
+        qt = min(max(tokens, ax[1][0]), ax[1][-1])
+        qc = min(max(context, ax[2][0]), ax[2][-1])
+        v = self._interp(qr, qt, qc)
+        if qr != rows or qt != tokens or qc != context:
+            v *= self.fit(float(rows), float(tokens), float(context)) / self.fit(qr, qt, qc)
+        return v
+
+    def predict_many(self, rows: Any, tokens: Any, context: Any) -> np.ndarray:
+        """Vectorised :meth:`predict` over broadcast arrays."""
+        r, t, c = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (rows, tokens, context)))
+        flat = [self.predict(a, b, d) for a, b, d in zip(r.ravel().tolist(), t.ravel().tolist(), c.ravel().tolist())]
+        return np.asarray(flat, dtype=float).reshape(r.shape)
+
+
+class LatencyModel:
+    """Predicted seconds for target/draft forwards and whole steps, corrected online."""
+
+    def __init__(self, profile: "Profile | None" = None, *, ema: float = 0.1,
+                 bounds: tuple[float, float] = (0.2, 5.0)) -> None:
+        self.ema = float(ema)
+        self.bounds = (float(bounds[0]), float(bounds[1]))
+        self.profile = profile
+        self.tables: dict[str, LatencyTable] = {}
+        self._overhead = 0.0
+        if profile is not None:
+            self.tables = {"target": LatencyTable(profile.target), "draft": LatencyTable(profile.draft)}
+            self._overhead = float(profile.overhead)
+        self._log_ratio = {"target": 0.0, "draft": 0.0}
+        self._overhead_obs: float | None = None
+
+    @classmethod
+    def from_points(cls, target: Sequence[Sequence[float]], draft: Sequence[Sequence[float]],
+                    overhead: float = 0.0, **kwargs: Any) -> "LatencyModel":
+        """Build from raw ``[rows, tokens, context, seconds]`` lists (tests, synthetic models)."""
+        from .profiler import Profile
+
+        return cls(Profile(key={}, target=[list(p) for p in target], draft=[list(p) for p in draft],
+                           overhead=overhead), **kwargs)
+
+    # -- predictions ---------------------------------------------------------------------------
+    def correction(self, which: str) -> float:
+        """Current observed/predicted factor applied to ``which`` ("target" or "draft")."""
+        return math.exp(self._log_ratio[which])
+
+    def base_time(self, which: str, rows: float, tokens_per_row: float, context: float) -> float:
+        """Prediction from the profile alone (no online correction)."""
+        return self.tables[which].predict(rows, tokens_per_row, context)
+
+    def target_time(self, rows: float, tokens_per_row: float, context: float) -> float:
+        """Seconds of one target forward (e.g. a verify of ``tokens_per_row`` nodes per row)."""
+        return self.base_time("target", rows, tokens_per_row, context) * math.exp(self._log_ratio["target"])
+
+    def draft_time(self, rows: float, tokens_per_row: float, context: float) -> float:
+        """Seconds of one draft forward."""
+        return self.base_time("draft", rows, tokens_per_row, context) * math.exp(self._log_ratio["draft"])
+
+    def target_curve(self, rows: float, context: float, max_tokens: int) -> np.ndarray:
+        """``target_time(rows, k, context)`` for k = 0..max_tokens (k=0 costs 0), for planners."""
+        return np.asarray([self.target_time(rows, k, context) for k in range(max_tokens + 1)])
+
+    @property
+    def overhead(self) -> float:
+        """Fixed per-step seconds besides the forwards (profiled, then the observed EMA)."""
+        return self._overhead if self._overhead_obs is None else self._overhead_obs
+
+    def step_time(self, rows: float, draft_levels: Sequence[tuple[float, float]], verify_tokens_per_row: float,
+                  context: float) -> float:
+        """Overhead + one draft forward per ``(rows, tokens)`` level + one verify forward.
+
+        ``verify_tokens_per_row`` counts every query token of the target forward (the last committed
+        token plus the drafted nodes); 0 means no target forward.
+        """
+        t = self.overhead
+        for r, k in draft_levels:
+            t += self.draft_time(r, k, context)
+        return t + self.target_time(rows, verify_tokens_per_row, context)
+
+    # -- online correction -----------------------------------------------------------------------
+    def observe(self, which: str, rows: float, tokens_per_row: float, context: float, seconds: float) -> None:
+        """Fold one observed duration into the EMA correction of ``which``.
+
+        ``which`` is "target", "draft" or "overhead" (for "overhead" the shape arguments are ignored).
+        """
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return
+        if which == "overhead":
+            prev = self.overhead
+            self._overhead_obs = (1 - self.ema) * prev + self.ema * seconds
+            return
+        base = self.base_time(which, rows, tokens_per_row, context)
+        if base <= 0:
+            return
+        lo, hi = math.log(self.bounds[0]), math.log(self.bounds[1])
+        obs = min(max(math.log(seconds / base), lo), hi)
+        self._log_ratio[which] = min(max((1 - self.ema) * self._log_ratio[which] + self.ema * obs, lo), hi)
+
+    def reset_corrections(self) -> None:
+        self._log_ratio = {"target": 0.0, "draft": 0.0}
+        self._overhead_obs = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out accuracy
+# ----------------------------------------------------------------------------------------------
+def _split_axes(P: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Hold out every other interior value of each axis in turn (interpolation test)."""
+    splits = []
+    for axis in range(3):
+        vals = sorted(set(P[:, axis].tolist()))
+        held = vals[1:-1:2]
+        if not held:
+            continue
+        test = np.isin(P[:, axis], held)
+        splits.append((~test, test))
+    return splits
+
+
+def _split_points(P: np.ndarray, frac: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Hold out a random ``frac`` of the points that are not on the grid's boundary."""
+    interior = np.ones(len(P), dtype=bool)
+    for axis in range(3):
+        interior &= (P[:, axis] > P[:, axis].min()) & (P[:, axis] < P[:, axis].max())
+    cand = np.flatnonzero(interior)
+    if len(cand) == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(cand, size=max(1, int(round(frac * len(cand)))), replace=False)
+    test = np.zeros(len(P), dtype=bool)
+    test[pick] = True
+    return [(~test, test)]
+
+
+def _split_extrapolate(P: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Hold out the largest rows value, then the largest tokens value (extrapolation test)."""
+    splits = []
+    for axis in (0, 1):
+        if len(set(P[:, axis].tolist())) >= 3:
+            test = P[:, axis] == P[:, axis].max()
+            splits.append((~test, test))
+    return splits
+
+
+def holdout_predictions(profile: "Profile", which: str = "target", mode: str = "axes", *, frac: float = 0.25,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(measured, predicted) seconds of held-out points, each predicted by a table built without them.
+
+    ``mode``: "axes" (every other interior value of each axis, in turn), "points" (a random ``frac`` of
+    interior points) or "extrapolate" (the largest rows, then the largest tokens value).
+    """
+    P = np.asarray(profile.points(which), dtype=float).reshape(-1, 4)
+    if mode == "axes":
+        splits = _split_axes(P)
+    elif mode == "points":
+        splits = _split_points(P, frac, seed)
+    elif mode == "extrapolate":
+        splits = _split_extrapolate(P)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    meas, pred = [], []
+    for train, test in splits:
+        if train.sum() == 0 or test.sum() == 0:
+            continue
+        table = LatencyTable(P[train])
+        meas.append(P[test, 3])
+        pred.append(np.asarray([table.predict(*p[:3]) for p in P[test]]))
+    if not meas:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(meas), np.concatenate(pred)
+
+
+def holdout_mape(profile: "Profile", which: str = "target", mode: str = "axes", **kwargs: Any) -> float:
+    """Mean absolute percentage error (a fraction: 0.1 = 10%) on held-out grid points; nan if none."""
+    meas, pred = holdout_predictions(profile, which, mode, **kwargs)
+    return float(np.mean(np.abs(pred - meas) / meas)) if len(meas) else float("nan")
+
+
+def holdout_report(profile: "Profile") -> dict[str, dict[str, float]]:
+    """MAPE of both models for interpolation ("axes", "points") and "extrapolate" splits."""
+    return {w: {m: holdout_mape(profile, w, m) for m in ("axes", "points", "extrapolate")}
+            for w in ("target", "draft") if profile.points(w)}

@@ -1,0 +1,138 @@
+"""LatencyModel: exact on the grid, piecewise-linear between, roofline beyond, online correction."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from adaspec_hf.latency import LatencyModel, LatencyTable, RooflineFit, holdout_mape, holdout_report
+from adaspec_hf.profiler import Profile
+
+ROWS, TOKENS, CTXS = (1, 2, 4, 8), (1, 2, 3, 4, 8), (16, 64, 256)
+
+
+def roofline(r, t, c):
+    return 1e-3 + 2e-5 * r * t + 1e-8 * r * t * c + 3e-8 * r * c
+
+
+def synthetic(kink: bool = True) -> Profile:
+    """A roofline cost, with a CPU-like kink (2 tokens slower than 4) if asked."""
+    pts = []
+    for r, t, c in itertools.product(ROWS, TOKENS, CTXS):
+        s = roofline(r, t, c) * (1.6 if (kink and t == 2) else 1.0)
+        pts.append([r, t, c, s])
+    draft = [[r, t, c, s / 10] for r, t, c, s in pts]
+    return Profile(key={}, target=pts, draft=draft, overhead=2e-4)
+
+
+def test_exact_on_grid_points():
+    prof = synthetic()
+    m = LatencyModel(prof)
+    for r, t, c, s in prof.target:
+        assert m.target_time(r, t, c) == pytest.approx(s, rel=1e-12)
+    for r, t, c, s in prof.draft:
+        assert m.draft_time(r, t, c) == pytest.approx(s, rel=1e-12)
+
+
+def test_kinks_are_kept_not_smoothed():
+    m = LatencyModel(synthetic(kink=True))
+    assert m.target_time(1, 2, 64) > m.target_time(1, 4, 64)  # measured non-monotonicity survives
+
+
+def test_piecewise_linear_between_points():
+    m = LatencyModel(synthetic(kink=True))
+    a, b = m.target_time(2, 4, 64), m.target_time(2, 8, 64)
+    assert m.target_time(2, 6, 64) == pytest.approx((a + b) / 2, rel=1e-12)
+    # a roofline cost is reproduced exactly between grid points (multilinear in linear coordinates)
+    m2 = LatencyModel(synthetic(kink=False))
+    assert m2.target_time(3, 5, 100) == pytest.approx(roofline(3, 5, 100), rel=1e-9)
+
+
+def test_extrapolation_positive_and_growing():
+    m = LatencyModel(synthetic(kink=True))
+    edge = m.target_time(8, 8, 256)
+    prev = edge
+    for r, t in [(8, 12), (16, 8), (16, 16), (32, 16), (64, 32)]:
+        v = m.target_time(r, t, 256)
+        assert v > 0 and v > prev * 0.999
+        prev = v
+    assert m.target_time(16, 8, 256) > edge and m.target_time(8, 16, 256) > edge
+    assert m.target_time(8, 8, 1024) > edge  # longer context costs more
+    assert 0 < m.target_time(1, 1, 4) <= m.target_time(1, 1, 16) * 1.0001
+    # extrapolation follows the roofline: doubling rows*tokens far out roughly doubles the cost
+    assert 1.5 < m.target_time(64, 16, 256) / m.target_time(32, 16, 256) < 2.5
+
+
+def test_zero_work_costs_nothing():
+    m = LatencyModel(synthetic())
+    assert m.target_time(0, 4, 64) == 0.0 and m.target_time(4, 0, 64) == 0.0
+
+
+def test_unmeasured_cells_are_filled():
+    prof = synthetic(kink=False)
+    prof.target = [p for p in prof.target if p[0] * p[1] <= 8]  # a capped grid, as in the default sweep
+    m = LatencyModel(prof)
+    v = m.target_time(8, 8, 64)
+    assert v > m.target_time(8, 1, 64) and math.isfinite(v)
+    assert v == pytest.approx(roofline(8, 8, 64), rel=0.5)
+
+
+def test_fit_recovers_roofline():
+    pts = np.array([[r, t, c, roofline(r, t, c)] for r, t, c in itertools.product(ROWS, TOKENS, CTXS)])
+    fit = RooflineFit.fit(pts)
+    assert all(x >= 0 for x in fit.coef)
+    for r, t, c, s in pts:
+        assert fit(r, t, c) == pytest.approx(s, rel=1e-6)
+
+
+def test_step_time_adds_up():
+    m = LatencyModel(synthetic())
+    st = m.step_time(4, [(4, 1), (4, 2)], 3, 64)
+    assert st == pytest.approx(m.overhead + m.draft_time(4, 1, 64) + m.draft_time(4, 2, 64) + m.target_time(4, 3, 64))
+    assert list(m.target_curve(4, 64, 3)) == [0.0] + [m.target_time(4, k, 64) for k in (1, 2, 3)]
+
+
+def test_observe_moves_prediction_toward_observed():
+    m = LatencyModel(synthetic())
+    base = m.target_time(4, 4, 64)
+    for _ in range(5):
+        m.observe("target", 4, 4, 64, base * 2)
+    up = m.target_time(4, 4, 64)
+    assert base < up < 2 * base
+    for _ in range(200):
+        m.observe("target", 4, 4, 64, base * 2)
+    assert m.target_time(4, 4, 64) == pytest.approx(2 * base, rel=1e-3)
+    assert m.draft_time(4, 4, 64) == pytest.approx(synthetic().draft[0][3] * 0 + m.base_time("draft", 4, 4, 64))
+    # bounded: an absurd observation cannot blow the model up
+    for _ in range(200):
+        m.observe("draft", 4, 4, 64, 1e6)
+    assert m.correction("draft") <= m.bounds[1] + 1e-9
+    m.observe("overhead", 0, 0, 0, 1.0)
+    assert m.overhead > 2e-4
+    m.reset_corrections()
+    assert m.target_time(4, 4, 64) == pytest.approx(base) and m.overhead == pytest.approx(2e-4)
+
+
+def test_holdout_mape_small_on_smooth_costs():
+    prof = synthetic(kink=False)
+    assert holdout_mape(prof, "target", "axes") < 1e-6  # roofline interpolates exactly
+    rep = holdout_report(prof)
+    assert set(rep) == {"target", "draft"}
+    assert all(v < 0.1 for v in rep["target"].values())
+
+
+def test_noisy_costs_report_finite_mape():
+    rng = np.random.default_rng(0)
+    prof = synthetic(kink=True)
+    prof.target = [[r, t, c, s * rng.uniform(0.95, 1.05)] for r, t, c, s in prof.target]
+    err = holdout_mape(prof, "target", "points")
+    assert 0 <= err < 1
+
+
+def test_single_context_axis():
+    pts = [[r, t, 64, roofline(r, t, 64)] for r, t in itertools.product(ROWS, TOKENS)]
+    table = LatencyTable(pts)
+    assert table.predict(2, 3, 64) == pytest.approx(roofline(2, 3, 64))
+    assert table.predict(2, 3, 512) > 0
