@@ -15,7 +15,7 @@ from .kvstate import KVState
 from .policies import DraftPolicy, LevelContext, StepContext
 from .tree import DraftTree
 
-# (logits (M, V) float32, prefix provider) -> processed scores (M, V)
+# (logits (M, V) float32, provider of (batch row, prefix) pairs) -> processed scores (M, V)
 ProcessFn = Callable[[torch.Tensor, Callable[[], list[torch.Tensor]]], torch.Tensor]
 
 
@@ -66,9 +66,9 @@ class TreeDrafter:
         root_pos = ctx.context_len - 1  # position of the pending token
         # frontier: nodes whose children are the next level's candidates
         f_dist = self._distribution(
-            root_logits[:, None], process,
+            root_logits, process,
             lambda: prefix_of(rows, torch.zeros(b, 0, dtype=torch.long, device=dev)),
-        )  # (B, 1, V)
+        )[:, None]  # (B, 1, V)
         f_node = torch.full((b, 1), -1, dtype=torch.long, device=dev)
         f_path = torch.ones(b, 1, device=dev)
         f_ok = max_depth[:, None] > 0

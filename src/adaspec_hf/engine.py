@@ -124,7 +124,7 @@ class SpeculativeDecoder:
         check_cache_support(draft)
         self.target, self.draft, self.policy = target, draft, policy
         self.do_sample = do_sample
-        self.process = Processing(processors)
+        self.processors = processors
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         self.device = target.device
         self.eos = torch.tensor(eos, dtype=torch.long, device=self.device)
@@ -177,6 +177,7 @@ class SpeculativeDecoder:
         n_gen = torch.zeros(b, dtype=torch.long, device=dev)
         real_len = attention_mask.sum(1)
         self._pad = p - real_len  # left padding per original row
+        self.process = Processing(self.processors, batch_size=b)
         scores_per_row: list[list[torch.Tensor]] = [[] for _ in range(b)]
         logits_per_row: list[list[torch.Tensor]] = [[] for _ in range(b)]
 
@@ -184,7 +185,7 @@ class SpeculativeDecoder:
         tkv, dkv = KVState(self.target), KVState(self.draft)
         first_logits = tkv.prefill(input_ids, attention_mask).float()
         dkv.prefill(input_ids.to(self.draft.device), attention_mask.to(self.draft.device))
-        first_scores = self.process(first_logits, lambda: list(input_ids))
+        first_scores = self.process(first_logits, lambda: list(enumerate(input_ids)))
         first = self._pick(first_scores)
         self._sync()
         stats.prefill_time = time.perf_counter() - t_start
@@ -241,11 +242,13 @@ class SpeculativeDecoder:
 
     # ------------------------------------------------------------------ step
     def _prefix_fn(self, out: torch.Tensor, rid: torch.Tensor, n_gen: torch.Tensor, p: int):
-        def prefix_of(rows: torch.Tensor, paths: torch.Tensor) -> list[torch.Tensor]:
+        def prefix_of(rows: torch.Tensor, paths: torch.Tensor, depths: torch.Tensor | None = None):
             res = []
-            for r, path in zip(rows.tolist(), paths):
+            dl = depths.tolist() if depths is not None else [paths.shape[1]] * len(rows)
+            for r, path, d in zip(rows.tolist(), paths, dl):
+                path = path[:d]
                 orig = int(rid[r])
-                res.append(torch.cat([out[orig, : p + int(n_gen[orig])], path.to(out.device)]))
+                res.append((orig, torch.cat([out[orig, : p + int(n_gen[orig])], path.to(out.device)])))
             return res
         return prefix_of
 
@@ -255,7 +258,8 @@ class SpeculativeDecoder:
         bsz = rid.shape[0]
         t0 = time.perf_counter()
         remaining = max_new - n_gen[rid]
-        ctx = StepContext(rows=bsz, context_len=length, remaining=remaining, sampling=self.do_sample, step=step)
+        ctx = StepContext(rows=bsz, context_len=length, remaining=remaining, sampling=self.do_sample,
+                          step=step, row_ids=rid)
         max_depth = self.policy.max_depth(ctx).to(dev).clamp(min=0)
         max_depth = torch.minimum(max_depth, remaining - 1).clamp(min=0)
         prefix_of = self._prefix_fn(out, rid, n_gen, p)
@@ -298,8 +302,10 @@ class SpeculativeDecoder:
         if self.process:
             paths = self._node_paths(tree)
             flat_rows = torch.arange(bsz, device=dev)[:, None].expand(bsz, q).reshape(-1)
+            depths = torch.cat([torch.zeros(bsz, 1, dtype=torch.long, device=dev), tree.depth], 1).reshape(-1)
             scores = self.process(
-                raw.reshape(bsz * q, -1), lambda: prefix_of(flat_rows, paths.reshape(bsz * q, -1))
+                raw.reshape(bsz * q, -1),
+                lambda: prefix_of(flat_rows, paths.reshape(bsz * q, -1), depths),
             ).reshape(bsz, q, -1)
         if self.do_sample:
             verdict = accept_sampling(tree, torch.softmax(scores, -1), self.generator)
@@ -334,7 +340,7 @@ class SpeculativeDecoder:
         self.policy.observe(StepOutcome(
             tree=tree, n_accepted=verdict.n_accepted, tested=verdict.tested,
             accept_prob=verdict.accept_prob, accepted=verdict.accepted,
-            step_time=t2 - t0, draft_time=t1 - t0, verify_time=t2 - t1, context_len=length,
+            step_time=t2 - t0, draft_time=t1 - t0, verify_time=t2 - t1, context_len=length, row_ids=rid,
         ))
         return finished, length, draft_seen
 

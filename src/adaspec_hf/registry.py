@@ -1,0 +1,35 @@
+"""Draft policies by name: the one documented option (``draft_policy=``) for picking a policy.
+
+Names: ``"adaptive"`` (default; the fitted efficiency-model planner), ``"adaptive-tree"``,
+``"static-K"`` (K = 0..64), ``"heuristic"`` (HF's +2/-1 schedule), ``"confidence"`` or
+``"confidence-T"`` (stop below draft probability T, HF/DISCO style), ``"smartspec"``
+(batch-uniform goodput with a running acceptance rate).
+"""
+from __future__ import annotations
+
+import re
+
+from .policies import Confidence, DraftPolicy, Heuristic, StaticChain
+
+POLICY_NAMES = ("adaptive", "adaptive-tree", "static-K", "heuristic", "confidence[-T]", "smartspec")
+
+
+def make_policy(spec, target=None, draft=None, gen_config=None) -> DraftPolicy:
+    if isinstance(spec, DraftPolicy):
+        return spec
+    if spec is None:
+        spec = "adaptive"
+    if not isinstance(spec, str):
+        raise TypeError(f"draft_policy must be a name or a DraftPolicy, got {type(spec).__name__}")
+    name = spec.strip().lower()
+    if m := re.fullmatch(r"static-(\d+)", name):
+        return StaticChain(int(m.group(1)))
+    if name == "heuristic":
+        return Heuristic()
+    if m := re.fullmatch(r"confidence(?:-([0-9.]+))?", name):
+        return Confidence(float(m.group(1)) if m.group(1) else 0.4)
+    if name in ("adaptive", "adaptive-tree", "smartspec"):
+        from .planner import make_planner  # the efficiency model needs a latency profile
+
+        return make_planner(name, target, draft)
+    raise ValueError(f"unknown draft_policy {spec!r}; choose one of {', '.join(POLICY_NAMES)}")

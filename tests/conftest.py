@@ -1,0 +1,67 @@
+"""Tiny random models built from configs (no downloads), shared by the tests."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    Qwen2Config, Qwen2ForCausalLM,
+)
+
+VOCAB = 101
+ARCHS = ("llama", "qwen2", "mistral", "gpt2")
+
+
+def _build(arch: str, hidden: int, layers: int, seed: int, attn: str):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "gpt2":
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        kw = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common)
+        if arch == "llama":
+            model = LlamaForCausalLM(LlamaConfig(**kw))
+        elif arch == "qwen2":
+            model = Qwen2ForCausalLM(Qwen2Config(**kw))
+        elif arch == "mistral":  # sliding window much shorter than the sequences we generate
+            model = MistralForCausalLM(MistralConfig(sliding_window=8, **kw))
+        else:
+            raise ValueError(arch)
+    model.config._attn_implementation = attn
+    # sharpen the random logits so greedy paths are stable and drafts sometimes agree
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        head.weight.mul_(4.0)
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def pair(arch: str = "llama", attn: str = "sdpa", same: bool = False):
+    """(target, draft); ``same=True`` drafts with a copy of the target (everything accepted)."""
+    target = _build(arch, 64, 2, 0, attn)
+    if same:
+        return target, target
+    draft = _build(arch, 32, 1, 1, attn)
+    # make the draft agree often: share the target's embeddings/head where shapes allow
+    return target, draft
+
+
+def ragged_batch(batch: int, max_len: int, seed: int, min_len: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, max_len + 1, (batch,), generator=g)
+    p = int(lens.max())
+    ids = torch.randint(3, VOCAB, (batch, p), generator=g)
+    mask = torch.zeros(batch, p, dtype=torch.long)
+    for i, n in enumerate(lens.tolist()):
+        mask[i, p - n:] = 1
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
+
+
+@pytest.fixture
+def llama_pair():
+    return pair("llama")

@@ -1,0 +1,188 @@
+"""`enable(model)` + `generate(adaptive=True)`: HF's types, options and errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import string
+
+from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.generation.streamers import BaseStreamer
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+import adaspec_hf
+from adaspec_hf import AdaptiveCandidateGenerator
+
+from conftest import VOCAB, pair, ragged_batch
+
+
+@pytest.fixture(scope="module")
+def models():
+    target, draft = pair("llama")
+    target = copy.deepcopy(target)  # enable() patches the instance; keep the shared one clean
+    adaspec_hf.enable(target)
+    return target, draft
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A character-level tokenizer over the tiny vocabulary (so stop strings have real text)."""
+    chars = (string.ascii_letters + string.digits + string.punctuation + " ")[: VOCAB - 3]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+
+
+def test_import_changes_nothing():
+    target, _ = pair("llama")
+    assert "generate" not in target.__dict__
+
+
+def test_without_adaptive_is_plain_hf(models):
+    target, draft = models
+    ids, mask = ragged_batch(2, 6, 0)
+    a = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    b = target._adaspec_original_generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("policy", ["static-3", "heuristic", "confidence"])
+def test_adaptive_batch_matches_generate(models, policy):
+    target, draft = models
+    ids, mask = ragged_batch(4, 9, 1)
+    ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    out = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                          assistant_model=draft, adaptive=True, draft_policy=policy)
+    assert torch.equal(out, ref)
+    assert isinstance(target.adaspec_stats, adaspec_hf.GenerationStats)
+    assert target.adaspec_stats.target_forwards >= 1
+
+
+def test_return_dict_scores_and_logits(models):
+    target, draft = models
+    ids, mask = ragged_batch(3, 7, 2)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+              return_dict_in_generate=True, output_scores=True, output_logits=True, repetition_penalty=1.3)
+    ref = target.generate(**kw)
+    out = target.generate(**kw, assistant_model=draft, adaptive=True, draft_policy="static-4")
+    assert isinstance(out, GenerateDecoderOnlyOutput)
+    assert torch.equal(out.sequences, ref.sequences)  # repetition penalty applied per node prefix
+    assert len(out.scores) == len(ref.scores) == out.sequences.shape[1] - ids.shape[1]
+    for s_ours, s_ref in zip(out.scores, ref.scores):
+        assert s_ours.shape == s_ref.shape
+        assert torch.allclose(s_ours[0], s_ref[0], atol=1e-4)  # row 0 runs to the end
+    assert torch.allclose(out.logits[0][0], ref.logits[0][0], atol=1e-4)
+
+
+def test_streamer_batch_one(models):
+    target, draft = models
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    ids = torch.tensor([[5, 9, 14, 3]])
+    s = Collect()
+    out = target.generate(input_ids=ids, max_new_tokens=15, do_sample=False, assistant_model=draft,
+                          adaptive=True, draft_policy="static-3", streamer=s)
+    assert s.ended and s.chunks[0] == ids[0].tolist()
+    assert sum(s.chunks[1:], []) == out[0, ids.shape[1]:].tolist()
+    with pytest.raises(ValueError, match="batch size 1"):
+        target.generate(input_ids=ids.repeat(2, 1), max_new_tokens=3, assistant_model=draft,
+                        adaptive=True, draft_policy="static-1", streamer=Collect())
+
+
+def test_stop_strings(models, tokenizer):
+    target, draft = models
+    ids = torch.tensor([[5, 9, 14, 3]])
+    free = target.generate(input_ids=ids, max_new_tokens=20, do_sample=False)
+    gen = free[0, ids.shape[1]:].tolist()
+    # a two-character stop string that first completes mid-way
+    i = next(i for i in range(4, len(gen) - 1) if all(3 <= t < 98 for t in gen[i:i + 2]))
+    stop = tokenizer.decode(gen[i:i + 2])
+    assert len(stop) == 2
+    kw = dict(input_ids=ids, max_new_tokens=20, do_sample=False, stop_strings=[stop], tokenizer=tokenizer)
+    ref = target.generate(**kw)
+    out = target.generate(**kw, assistant_model=draft, adaptive=True, draft_policy="static-4")
+    assert torch.equal(out, ref)
+    assert out.shape[1] < free.shape[1]
+    with pytest.raises(ValueError, match="tokenizer"):
+        target.generate(input_ids=ids, max_new_tokens=5, stop_strings=["x"], assistant_model=draft,
+                        adaptive=True, draft_policy="static-1")
+
+
+def test_eos_list_and_max_length(models):
+    target, draft = models
+    ids, mask = ragged_batch(3, 6, 3)
+    free = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=15, do_sample=False)
+    eos = [int(free[0, ids.shape[1] + 3]), int(free[1, ids.shape[1] + 5])]
+    kw = dict(input_ids=ids, attention_mask=mask, max_length=ids.shape[1] + 15, do_sample=False, eos_token_id=eos)
+    assert torch.equal(target.generate(**kw, assistant_model=draft, adaptive=True, draft_policy="static-2"),
+                       target.generate(**kw))
+
+
+def test_sampling_runs_and_is_seeded(models):
+    target, draft = models
+    ids, mask = ragged_batch(2, 5, 4)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=0.7,
+              top_k=20, top_p=0.9, assistant_model=draft, adaptive=True, draft_policy="static-3")
+    torch.manual_seed(0)
+    a = target.generate(**kw)
+    torch.manual_seed(0)
+    b = target.generate(**kw)
+    assert torch.equal(a, b) and a.shape[1] > ids.shape[1]
+
+
+def test_hf_candidate_generator_matches(models):
+    target, draft = models
+    ids = torch.tensor([[5, 9, 14, 3, 22]])
+    ref = target.generate(input_ids=ids, max_new_tokens=25, do_sample=False)
+    gen = AdaptiveCandidateGenerator(draft, policy="heuristic")
+    out = target.generate(input_ids=ids, max_new_tokens=25, do_sample=False, assistant_model=draft,
+                          candidate_generator=gen)
+    assert torch.equal(out, ref)
+    assert gen.step > 0
+
+
+# ---------------------------------------------------------------------------------- errors
+def test_errors(models):
+    target, draft = models
+    ids = torch.tensor([[5, 9, 14]])
+    base = dict(input_ids=ids, max_new_tokens=4, adaptive=True)
+    with pytest.raises(ValueError, match="assistant_model"):
+        target.generate(**base)
+    cfg = LlamaConfig(vocab_size=VOCAB + 7, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    other = LlamaForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="assistant_tokenizer"):
+        target.generate(**base, assistant_model=other)
+    with pytest.raises(ValueError, match="beam"):
+        target.generate(**base, assistant_model=draft, num_beams=2)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        target.generate(**base, assistant_model=draft, num_return_sequences=2, do_sample=True)
+    with pytest.raises(ValueError, match="empty"):
+        target.generate(input_ids=ids[:, :0], max_new_tokens=4, adaptive=True, assistant_model=draft)
+    with pytest.raises(ValueError, match="empty"):
+        target.generate(input_ids=ids, attention_mask=torch.zeros_like(ids), max_new_tokens=4,
+                        adaptive=True, assistant_model=draft, draft_policy="static-1")
+    with pytest.raises(ValueError, match="unknown draft_policy"):
+        target.generate(**base, assistant_model=draft, draft_policy="bogus")
+    nocache = copy.deepcopy(draft)
+    nocache.config.use_cache = False
+    with pytest.raises(ValueError, match="KV cache"):
+        target.generate(**base, assistant_model=nocache)
+    flash = copy.deepcopy(draft)
+    flash.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="sdpa"):
+        target.generate(**base, assistant_model=flash)
