@@ -102,7 +102,7 @@ class TreeDrafter:
                 depth=_cat(parts["dep"], b, dev), valid=_cat(parts["ok"], b, dev, False),
                 draft_prob=_cat(parts["p"], b, dev, 0.0), sampled=_cat(parts["smp"], b, dev, False),
             )
-            lctx = LevelContext(level, c_path, c_prob, partial, ctx, max_depth)
+            lctx = LevelContext(level, c_path, c_prob, partial, ctx, max_depth, cand_parent=f_node.gather(1, c_from))
             n_add, n_exp = policy.choose(lctx)
             avail = (c_path > 0).sum(1)
             n_add = torch.minimum(n_add.clamp(min=0), avail) * (max_depth >= level)

@@ -37,6 +37,7 @@ class LevelContext:
     tree: DraftTree  # nodes added so far (unpacked; may contain padding)
     step: StepContext
     max_depth: torch.Tensor  # (B,) the depth bound from max_depth()
+    cand_parent: torch.Tensor | None = None  # (B, C) node index (in ``tree``) of each candidate's parent, -1 = root
 
 
 @dataclass

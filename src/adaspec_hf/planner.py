@@ -1,0 +1,270 @@
+"""The adaptive planner: how many tokens (and which tree nodes) to draft, per step and per row.
+
+Goodput of a step = expected emitted tokens of all rows / predicted step time, where
+
+* expected tokens of a row = 1 + sum over its verified nodes of the calibrated path probability
+  (acceptance model: draft probability -> acceptance probability, product along the path), and
+* step time = overhead + draft forwards + one target forward over ``1 + max_r n_r`` query tokens per
+  row (the batch is padded to its widest row) from the latency model profiled on this machine.
+
+AdaSpec's stepwise rule: after each draft level, with the real draft probabilities in hand, add the
+prefix of candidates (best calibrated path probability first, across rows) that maximises goodput,
+and draft one more level only while the predicted goodput of doing so rises. Zero drafted tokens is
+always an option, so under load speculation shrinks and switches off by itself: no thresholds.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+
+import numpy as np
+import torch
+
+from .acceptance import AcceptanceModel
+from .latency import LatencyModel
+from .policies import DraftPolicy, LevelContext, StepContext, StepOutcome
+from .tree import DraftTree
+
+logger = logging.getLogger("adaspec_hf")
+
+
+class AdaptivePlanner(DraftPolicy):
+    """Goodput-maximising draft policy (chains by default; ``tree=True`` for token trees)."""
+
+    def __init__(
+        self,
+        latency: LatencyModel,
+        acceptance: AcceptanceModel | None = None,
+        *,
+        tree: bool = False,
+        max_depth: int = 12,
+        max_children: int = 4,
+        probe_every: int = 32,
+        row_prior: float = 0.6,
+    ):
+        self.latency = latency
+        self.acceptance = acceptance if acceptance is not None else AcceptanceModel()
+        self.tree = tree
+        self.cap = int(max_depth)
+        self.max_children = int(max_children) if tree else 1
+        self.name = "adaptive-tree" if tree else "adaptive"
+        self.probe_every = probe_every
+        self.row_prior = row_prior
+        self.reset()
+
+    def reset(self) -> None:
+        self.alpha: dict[int, float] = {}  # per-row EMA of the acceptance rate of drafted nodes
+        self.idle_steps = 0
+        self.last_predicted_time: float | None = None
+        self._step: dict = {}
+        self.chosen: list[float] = []  # mean verified nodes per row, per step (statistics)
+
+    # ------------------------------------------------------------------ costs
+    def _costs(self, rows: int, context: float, max_q: int) -> np.ndarray:
+        return np.asarray([self.latency.target_time(rows, q, context) for q in range(1, max_q + 1)])
+
+    def _draft_cost(self, rows: int, tokens: float, context: float) -> float:
+        return self.latency.draft_time(rows, max(tokens, 1.0), context)
+
+    # ---------------------------------------------------------------- decisions
+    def max_depth(self, ctx: StepContext) -> torch.Tensor:
+        rows = ctx.rows
+        context = float(ctx.context_len.float().mean())
+        ids = ctx.row_ids.tolist() if ctx.row_ids is not None else list(range(rows))
+        alpha = np.asarray([self.alpha.get(r, self.row_prior) for r in ids])
+        width = self.cap * self.max_children
+        verify = self._costs(rows, context, 1 + width)
+        self._step = {"rows": rows, "context": context, "verify": verify, "draft_levels": 0,
+                      "draft_tokens": 0.0, "alpha": alpha}
+        # Optimistic look-ahead with each row's running acceptance: would any chain length pay?
+        best_k, best_g = 0, rows / (self.latency.overhead + verify[0])
+        for k in range(1, self.cap + 1):
+            exp_tokens = float(np.sum((alpha[:, None] ** np.arange(1, k + 1)[None, :]).sum(1))) + rows
+            t = (self.latency.overhead + k * self._draft_cost(rows, 1, context) + verify[k])
+            if exp_tokens / t > best_g:
+                best_k, best_g = k, exp_tokens / t
+        if best_k == 0:
+            self.idle_steps += 1
+            if self.probe_every and self.idle_steps % self.probe_every == 0:
+                best_k = 1  # re-measure acceptance now and then while speculation is off
+        else:
+            self.idle_steps = 0
+        self.last_predicted_time = self.latency.overhead + float(verify[0])
+        self._step["best_k"] = best_k
+        if best_k == 0:
+            self.chosen.append(0.0)
+            return torch.zeros(rows, dtype=torch.long, device=ctx.context_len.device)
+        return torch.full((rows,), self.cap, dtype=torch.long, device=ctx.context_len.device)
+
+    def _calibrated_path(self, tree: DraftTree) -> torch.Tensor:
+        if tree.width == 0:
+            return torch.zeros(tree.batch, 0)
+        acc = self.acceptance.predict(tree.draft_prob.float(), tree.depth.clamp(min=1)).clamp(1e-6, 1.0)
+        logp = torch.log(acc).masked_fill(~tree.valid, 0.0)
+        anc = tree.ancestors().float()
+        return torch.exp(torch.bmm(anc, logp[:, :, None])[:, :, 0]).masked_fill(~tree.valid, 0.0)
+
+    def choose(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        st = self._step
+        b, c = ctx.cand_path_prob.shape
+        dev = ctx.cand_path_prob.device
+        tree = ctx.tree
+        # calibrated path value of every candidate: parent's calibrated path x calibrated acceptance
+        node_path = self._calibrated_path(tree).to(dev)
+        parent = ctx.cand_parent if ctx.cand_parent is not None else torch.full((b, c), -1, device=dev)
+        par_val = torch.where(parent >= 0, node_path.gather(1, parent.clamp(min=0)) if tree.width else
+                              torch.ones(b, c, device=dev), torch.ones(b, c, device=dev))
+        a = self.acceptance.predict(ctx.cand_prob.float(), torch.full_like(parent, ctx.level)).to(dev)
+        v = (par_val * a).masked_fill(ctx.cand_path_prob <= 0, 0.0)
+        v = torch.cummin(v, dim=1).values  # a row's candidates are taken in the drafter's order
+        allowed = (ctx.max_depth >= ctx.level)
+        v = v * allowed[:, None]
+        have_n = tree.valid.sum(1) if tree.width else torch.zeros(b, dtype=torch.long, device=dev)
+        have_val = node_path.sum(1) if tree.width else torch.zeros(b, device=dev)
+        verify = st["verify"]
+        rows, context = st["rows"], st["context"]
+        # draft time spent so far this step (catch-up + fed levels), the same for every option
+        spent = self.latency.overhead + self._draft_cost(rows, 1, context) * (1 + st["draft_levels"])
+
+        # every prefix of the globally sorted candidate list is an option; pick the best
+        flat_v = v.reshape(-1)
+        order = torch.argsort(flat_v, descending=True)
+        keep = int((flat_v > 0).sum())
+        order = order[:keep]
+        row_of = order // c
+        onehot = torch.zeros(keep + 1, b, device=dev)
+        if keep:
+            onehot[1:] = torch.nn.functional.one_hot(row_of, b).float()
+        counts = torch.cumsum(onehot, 0) + have_n[None, :].float()  # (keep+1, B)
+        q_idx = counts.max(1).values.long().clamp(max=len(verify) - 1)  # verify tokens = 1 + q
+        gains = torch.cat([torch.zeros(1, device=dev), torch.cumsum(flat_v[order], 0)])
+        tokens = b + float(have_val.sum()) + gains
+        times = spent + torch.as_tensor(verify, dtype=torch.float32, device=dev)[q_idx]
+        goodput = tokens / times
+        best = int(torch.argmax(goodput))
+        n_add = torch.zeros(b, dtype=torch.long, device=dev)
+        if best:
+            n_add = onehot[1: best + 1].sum(0).long()
+        g_now = float(goodput[best])
+        self.last_predicted_time = float(times[best])
+
+        # one more level? predicted children of the best nodes, at the running top-1 acceptance
+        n_exp = torch.zeros_like(n_add)
+        if best and ctx.level < self.cap:
+            added_v = torch.where(torch.arange(c, device=dev)[None, :] < n_add[:, None], v, 0.0)
+            e = min(self.max_children, c) if self.tree else 1
+            top_v, _ = added_v.topk(min(e, c), dim=1)
+            alpha = torch.as_tensor(st["alpha"], dtype=torch.float32, device=dev)[:, None]
+            child_v = (top_v * alpha).reshape(-1)
+            cv, corder = child_v.sort(descending=True)
+            rows_c = (corder // top_v.shape[1])
+            base_counts = (have_n + n_add).float()
+            more = torch.zeros(b, device=dev)
+            best_next, best_j = g_now, 0
+            extra_draft = self._draft_cost(rows, float(top_v.shape[1]), context)
+            for j in range(int((cv > 0).sum())):
+                more[rows_c[j]] += 1
+                q = int((base_counts + more).max().clamp(max=len(verify) - 1))
+                g = (float(tokens[best]) + float(cv[: j + 1].sum())) / (spent + extra_draft + float(verify[q]))
+                if g > best_next:
+                    best_next, best_j = g, j + 1
+            if best_j:
+                expand_rows = torch.zeros(b, dtype=torch.long, device=dev)
+                expand_rows.index_add_(0, rows_c[:best_j], torch.ones(best_j, dtype=torch.long, device=dev))
+                n_exp = torch.minimum(expand_rows, n_add)
+                st["draft_levels"] += 1
+        return n_add, n_exp
+
+    # ------------------------------------------------------------------- learning
+    def observe(self, outcome: StepOutcome) -> None:
+        tree = outcome.tree
+        st = self._step
+        if tree.width:
+            tested = outcome.tested & tree.valid
+            if bool(tested.any()):
+                target = outcome.accept_prob if outcome.accept_prob.dtype.is_floating_point else outcome.accepted.float()
+                self.acceptance.update(tree.draft_prob[tested].float(), tree.depth[tested],
+                                       target[tested].float())
+            # per-row acceptance rate of tried nodes (for chains: the geometric MLE)
+            ids = outcome.row_ids.tolist() if outcome.row_ids is not None else list(range(tree.batch))
+            n_tested = tested.sum(1).tolist()
+            n_acc = (outcome.accepted & tree.valid).sum(1).tolist()
+            for r, n, a in zip(ids, n_tested, n_acc):
+                if n:
+                    self.alpha[r] = 0.7 * self.alpha.get(r, self.row_prior) + 0.3 * (a / n)
+            self.chosen.append(float(tree.valid.sum(1).float().mean()))
+        if st:
+            q = 1 + (int(tree.valid.sum(1).max()) if tree.width else 0)
+            context = st["context"]
+            self.latency.observe("target", st["rows"], q, context, outcome.verify_time)
+
+
+class SmartSpec(AdaptivePlanner):
+    """Batch-uniform draft length from goodput with one running acceptance rate (SmartSpec-like).
+
+    Unlike :class:`AdaptivePlanner` it ignores the draft's per-token confidence and per-row
+    differences: every row drafts the same ``k`` each step.
+    """
+
+    def __init__(self, latency: LatencyModel, acceptance: AcceptanceModel | None = None, max_depth: int = 8):
+        super().__init__(latency, acceptance, tree=False, max_depth=max_depth)
+        self.name = "smartspec"
+
+    def max_depth(self, ctx: StepContext) -> torch.Tensor:
+        rows = ctx.rows
+        context = float(ctx.context_len.float().mean())
+        verify = self._costs(rows, context, 1 + self.cap)
+        rate = self.alpha.get(0, self.row_prior)
+        best_k, best_t = 0, self.latency.overhead + verify[0]
+        best_g = rows / best_t
+        for k in range(1, self.cap + 1):
+            t = self.latency.overhead + k * self._draft_cost(rows, 1, context) + verify[k]
+            g = rows * (1 + sum(rate ** i for i in range(1, k + 1))) / t
+            if g > best_g:
+                best_k, best_g, best_t = k, g, t
+        self._step = {"rows": rows, "context": context}
+        self.last_predicted_time = float(best_t)
+        self.chosen.append(float(best_k))
+        return torch.full((rows,), best_k, dtype=torch.long, device=ctx.context_len.device)
+
+    def choose(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return DraftPolicy.choose(self, ctx)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        tree = outcome.tree
+        if tree.width:  # one batch-wide rate, kept under a single key
+            tested = int((outcome.tested & tree.valid).sum())
+            if tested:
+                rate = int((outcome.accepted & tree.valid).sum()) / tested
+                self.alpha[0] = 0.8 * self.alpha.get(0, self.row_prior) + 0.2 * rate
+
+
+# ---------------------------------------------------------------------------------------- factory
+_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def planner_state(target, draft) -> tuple[LatencyModel, AcceptanceModel]:
+    """Latency model (profiled on this machine, cached on disk) and acceptance calibration for a pair,
+    kept on the target object so that calibration carries over between ``generate`` calls."""
+    per_target = _STATE.setdefault(target, {})
+    key = id(draft)
+    if key not in per_target:
+        from .profiler import load_or_profile
+
+        profile = load_or_profile(target, draft, quick=True)
+        per_target[key] = (LatencyModel(profile), AcceptanceModel())
+    return per_target[key]
+
+
+def make_planner(name: str, target, draft) -> DraftPolicy:
+    if target is None or draft is None:
+        raise ValueError(f"draft_policy={name!r} needs both models (it profiles their latency)")
+    latency, acceptance = planner_state(target, draft)
+    if name == "adaptive":
+        return AdaptivePlanner(latency, acceptance)
+    if name == "adaptive-tree":
+        return AdaptivePlanner(latency, acceptance, tree=True)
+    if name == "smartspec":
+        return SmartSpec(latency, acceptance)
+    raise ValueError(f"unknown planner {name!r}")

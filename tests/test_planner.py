@@ -1,0 +1,114 @@
+"""The planner: picks 0 when verification is expensive, deepens when drafts are always accepted,
+per-row lengths, and greedy equivalence with the planner on."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from adaspec_hf.acceptance import AcceptanceModel
+from adaspec_hf.engine import SpeculativeDecoder
+from adaspec_hf.latency import LatencyModel
+from adaspec_hf.planner import AdaptivePlanner, SmartSpec
+from adaspec_hf.policies import LevelContext, StepContext
+from adaspec_hf.tree import DraftTree
+
+from conftest import ARCHS, pair, ragged_batch
+
+ROWS, TOKENS, CONTEXTS = (1, 2, 4, 8), (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48), (8, 64, 512)
+
+
+def synthetic_latency(target_fn, draft_fn, overhead=1e-4) -> LatencyModel:
+    grid = list(itertools.product(ROWS, TOKENS, CONTEXTS))
+    return LatencyModel.from_points(
+        target=[[r, t, c, target_fn(r, t, c)] for r, t, c in grid],
+        draft=[[r, t, c, draft_fn(r, t, c)] for r, t, c in grid], overhead=overhead)
+
+
+FLAT_TARGET = synthetic_latency(lambda r, t, c: 0.010, lambda r, t, c: 0.0002)
+STEEP_TARGET = synthetic_latency(lambda r, t, c: 0.010 * r * t, lambda r, t, c: 0.0002)
+
+
+def test_picks_zero_when_verification_is_expensive():
+    target, draft = pair("llama", "sdpa", same=True)  # drafts always accepted...
+    planner = AdaptivePlanner(STEEP_TARGET)  # ...but every verified token costs a full forward
+    ids, mask = ragged_batch(3, 6, 0)
+    ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    out = SpeculativeDecoder(target, draft, planner, eos_token_id=2, pad_token_id=0).generate(ids, mask, 20)
+    assert torch.equal(out.sequences, ref)
+    probes = sum(1 for s in out.stats.steps if sum(s.drafted))
+    assert probes <= 1 and out.stats.drafted_tokens <= 3
+
+
+def test_deepens_when_drafts_are_always_accepted():
+    target, draft = pair("llama", "sdpa", same=True)
+    acc = AcceptanceModel()
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(4000, generator=g)
+    acc.update(p, torch.ones(4000, dtype=torch.long), torch.ones(4000))  # stream: everything accepted
+    planner = AdaptivePlanner(FLAT_TARGET, acc)
+    ids, mask = ragged_batch(2, 6, 1)
+    ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=60, do_sample=False)
+    out = SpeculativeDecoder(target, draft, planner, eos_token_id=2, pad_token_id=0).generate(ids, mask, 60)
+    assert torch.equal(out.sequences, ref)
+    assert out.stats.mean_draft_len > 4
+    assert out.stats.tokens_per_step > 4
+
+
+def test_level_decisions_follow_confidence():
+    """Doubtful rows stop drafting; a confident row keeps the batch drafting. (In a padded batch a
+    doubtful row's nodes below the confident row's width cost nothing, so they ride along.)"""
+    ctx = StepContext(rows=2, context_len=torch.tensor([20, 20]), remaining=torch.tensor([50, 50]),
+                      sampling=False, step=1, row_ids=torch.tensor([0, 1]))
+
+    def decide(p0, p1):
+        planner = AdaptivePlanner(STEEP_TARGET_MILD)
+        depth = planner.max_depth(ctx)
+        lctx = LevelContext(level=1, cand_path_prob=torch.tensor([[p0], [p1]]),
+                            cand_prob=torch.tensor([[p0], [p1]]), tree=DraftTree.empty(2), step=ctx,
+                            max_depth=depth, cand_parent=torch.tensor([[-1], [-1]]))
+        return [t.tolist() for t in planner.choose(lctx)]
+
+    n_add, n_exp = decide(0.02, 0.03)
+    assert n_add == [0, 0] and n_exp == [0, 0]
+    n_add, n_exp = decide(0.99, 0.03)
+    assert n_add[0] == 1 and n_exp[0] == 1
+
+
+STEEP_TARGET_MILD = synthetic_latency(lambda r, t, c: 0.010 + 0.0005 * r * (t - 1), lambda r, t, c: 0.0002)
+
+
+def test_high_load_stops_speculating():
+    """Same acceptance, but a verify cost that grows with rows x tokens: the planner drafts at
+    batch 1 and stops at batch 8 by itself."""
+    lat = synthetic_latency(lambda r, t, c: 0.004 + 0.003 * max(r * t - 4, 0), lambda r, t, c: 0.0003)
+    acc = AcceptanceModel()
+    acc.update(torch.full((2000,), 0.8), torch.ones(2000, dtype=torch.long), (torch.rand(2000) < 0.8).float())
+
+    def depth_for(rows):
+        planner = AdaptivePlanner(lat, acc)
+        ctx = StepContext(rows=rows, context_len=torch.full((rows,), 30), remaining=torch.full((rows,), 50),
+                          sampling=False, step=1, row_ids=torch.arange(rows))
+        for r in range(rows):
+            planner.alpha[r] = 0.8
+        return int(planner.max_depth(ctx).max())
+
+    assert depth_for(1) > 0
+    assert depth_for(8) == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("policy", ["adaptive", "adaptive-tree", "smartspec"])
+def test_greedy_equivalence_with_planner(arch, policy):
+    target, draft = pair(arch)
+    acc = AcceptanceModel()
+    if policy == "smartspec":
+        planner = SmartSpec(FLAT_TARGET, acc)
+    else:
+        planner = AdaptivePlanner(FLAT_TARGET, acc, tree=policy == "adaptive-tree")
+    ids, mask = ragged_batch(5, 9, 3)
+    ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+    out = SpeculativeDecoder(target, draft, planner, eos_token_id=2, pad_token_id=0).generate(ids, mask, 30)
+    assert torch.equal(out.sequences, ref)
+    assert out.stats.drafted_tokens > 0
