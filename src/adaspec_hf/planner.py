@@ -24,6 +24,7 @@ import torch
 from .acceptance import AcceptanceModel
 from .latency import LatencyModel
 from .policies import DraftPolicy, LevelContext, StepContext, StepOutcome
+from .selection import best_prefix, goodput_budget
 from .tree import DraftTree
 
 logger = logging.getLogger("adaspec_hf")
@@ -128,26 +129,10 @@ class AdaptivePlanner(DraftPolicy):
         spent = self.latency.overhead + self._draft_cost(rows, 1, context) * (1 + st["draft_levels"])
 
         # every prefix of the globally sorted candidate list is an option; pick the best
-        flat_v = v.reshape(-1)
-        order = torch.argsort(flat_v, descending=True)
-        keep = int((flat_v > 0).sum())
-        order = order[:keep]
-        row_of = order // c
-        onehot = torch.zeros(keep + 1, b, device=dev)
-        if keep:
-            onehot[1:] = torch.nn.functional.one_hot(row_of, b).float()
-        counts = torch.cumsum(onehot, 0) + have_n[None, :].float()  # (keep+1, B)
-        q_idx = counts.max(1).values.long().clamp(max=len(verify) - 1)  # verify tokens = 1 + q
-        gains = torch.cat([torch.zeros(1, device=dev), torch.cumsum(flat_v[order], 0)])
-        tokens = b + float(have_val.sum()) + gains
-        times = spent + torch.as_tensor(verify, dtype=torch.float32, device=dev)[q_idx]
-        goodput = tokens / times
-        best = int(torch.argmax(goodput))
-        n_add = torch.zeros(b, dtype=torch.long, device=dev)
-        if best:
-            n_add = onehot[1: best + 1].sum(0).long()
-        g_now = float(goodput[best])
-        self.last_predicted_time = float(times[best])
+        n_add, g_now, t_now = best_prefix(v, have_n.float(), b + float(have_val.sum()), verify, spent)
+        best = int(n_add.sum())
+        tokens_now = b + float(have_val.sum()) + float((v * (torch.arange(c, device=dev)[None, :] < n_add[:, None])).sum())
+        self.last_predicted_time = t_now
 
         # one more level? predicted children of the best nodes, at the running top-1 acceptance
         n_exp = torch.zeros_like(n_add)
@@ -166,7 +151,7 @@ class AdaptivePlanner(DraftPolicy):
             for j in range(int((cv > 0).sum())):
                 more[rows_c[j]] += 1
                 q = int((base_counts + more).max().clamp(max=len(verify) - 1))
-                g = (float(tokens[best]) + float(cv[: j + 1].sum())) / (spent + extra_draft + float(verify[q]))
+                g = (tokens_now + float(cv[: j + 1].sum())) / (spent + extra_draft + float(verify[q]))
                 if g > best_next:
                     best_next, best_j = g, j + 1
             if best_j:
@@ -175,6 +160,17 @@ class AdaptivePlanner(DraftPolicy):
                 n_exp = torch.minimum(expand_rows, n_add)
                 st["draft_levels"] += 1
         return n_add, n_exp
+
+    def select(self, tree: DraftTree, ctx: StepContext) -> torch.Tensor:
+        """Final budget over everything drafted: per-row top-N connected subtrees, N by goodput."""
+        st = self._step
+        if tree.width == 0 or not st:
+            return tree.valid
+        values = self._calibrated_path(tree).to(tree.tokens.device)
+        spent = self.latency.overhead + self._draft_cost(st["rows"], 1, st["context"]) * (1 + st["draft_levels"])
+        keep, _, t = goodput_budget(tree, values, torch.as_tensor(st["verify"]), spent)
+        self.last_predicted_time = t
+        return keep
 
     # ------------------------------------------------------------------- learning
     def observe(self, outcome: StepOutcome) -> None:
@@ -230,6 +226,9 @@ class SmartSpec(AdaptivePlanner):
 
     def choose(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
         return DraftPolicy.choose(self, ctx)
+
+    def select(self, tree: DraftTree, ctx: StepContext) -> torch.Tensor:
+        return tree.valid  # uniform k: verify everything drafted
 
     def observe(self, outcome: StepOutcome) -> None:
         tree = outcome.tree

@@ -181,3 +181,22 @@ class Confidence(DraftPolicy):
         go = ctx.max_depth >= ctx.level
         confident = ctx.cand_prob[:, 0] >= self.threshold if ctx.cand_prob.shape[1] else go
         return go.long(), (go & confident & (ctx.max_depth > ctx.level)).long()
+
+
+class StaticTree(DraftPolicy):
+    """Fixed tree shape: ``width`` best nodes per level (by path probability), ``depth`` levels."""
+
+    def __init__(self, depth: int, width: int):
+        if depth < 1 or width < 1:
+            raise ValueError(f"tree depth and width must be >= 1, got {depth}x{width}")
+        self.depth, self.width = int(depth), int(width)
+        self.max_children = self.width
+        self.name = f"tree-{depth}x{width}"
+
+    def max_depth(self, ctx: StepContext) -> torch.Tensor:
+        return torch.full_like(ctx.context_len, self.depth)
+
+    def choose(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        go = ctx.max_depth >= ctx.level
+        n = go.long() * self.width
+        return n, n * (ctx.max_depth > ctx.level)

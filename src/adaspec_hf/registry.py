@@ -1,7 +1,7 @@
 """Draft policies by name: the one documented option (``draft_policy=``) for picking a policy.
 
 Names: ``"adaptive"`` (default; the fitted efficiency-model planner), ``"adaptive-tree"``,
-``"static-K"`` (K = 0..64), ``"heuristic"`` (HF's +2/-1 schedule), ``"confidence"`` or
+``"static-K"`` (K = 0..64), ``"tree-DxW"`` (static tree: W nodes per level, D levels), ``"heuristic"`` (HF's +2/-1 schedule), ``"confidence"`` or
 ``"confidence-T"`` (stop below draft probability T, HF/DISCO style), ``"smartspec"``
 (batch-uniform goodput with a running acceptance rate).
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 
-from .policies import Confidence, DraftPolicy, Heuristic, StaticChain
+from .policies import Confidence, DraftPolicy, Heuristic, StaticChain, StaticTree
 
-POLICY_NAMES = ("adaptive", "adaptive-tree", "static-K", "heuristic", "confidence[-T]", "smartspec")
+POLICY_NAMES = ("adaptive", "adaptive-tree", "static-K", "tree-DxW", "heuristic", "confidence[-T]", "smartspec")
 
 
 def make_policy(spec, target=None, draft=None, gen_config=None) -> DraftPolicy:
@@ -24,6 +24,8 @@ def make_policy(spec, target=None, draft=None, gen_config=None) -> DraftPolicy:
     name = spec.strip().lower()
     if m := re.fullmatch(r"static-(\d+)", name):
         return StaticChain(int(m.group(1)))
+    if m := re.fullmatch(r"tree-(\d+)x(\d+)", name):
+        return StaticTree(int(m.group(1)), int(m.group(2)))
     if name == "heuristic":
         return Heuristic()
     if m := re.fullmatch(r"confidence(?:-([0-9.]+))?", name):
