@@ -1,0 +1,101 @@
+"""Adaptive speculation vs every baseline, on the built-in pair (or any pair given).
+
+Sections (one run, one machine, side by side):
+  A. batch 1, greedy and sampling (T=0.7): vanilla, HF assisted (defaults; heuristic schedule),
+     static k = 1..8, heuristic, confidence, smartspec, static trees, adaptive (chain), adaptive-tree.
+  B. batch 1..32 greedy: vanilla, static k (best per batch size), adaptive, adaptive-tree.
+  C. chain vs tree under load, sampling (T=0.7) at batch 4 and 16.
+
+    python benchmarks/adaptive.py                 # built-in pair; results in benchmarks/results/
+    python benchmarks/adaptive.py --target ID --draft ID
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from adaspec_hf import enable
+from adaspec_hf.bench import _default_text_prompts, load_prompt_ids, run_benchmark, write_results
+from adaspec_hf.pair import load_models
+
+STATIC = [f"static-{k}" for k in range(1, 9)]
+TREES = ["tree-4x2", "tree-3x3"]
+OURS = ["adaptive", "adaptive-tree"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target")
+    ap.add_argument("--draft")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--n-prompts", type=int, default=4, help="prompts per batch-1 run")
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sections", default="A,B,C")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+
+    target, draft, tok = load_models(args.target, args.draft)
+    enable(target)
+    n_all = max(int(b) for b in args.batch_sizes.split(","))
+    prompts = load_prompt_ids(tok, n_all) if args.target is None else _default_text_prompts(tok, n_all)
+    common = dict(max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=0,
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    # one global warm-up (also takes the latency profile if none is cached yet)
+    run_benchmark("warmup", target, draft, prompts[:1], ["vanilla", "adaptive"], repeats=1, progress=False,
+                  max_new_tokens=16, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    sections = set(args.sections.split(","))
+    summary: dict = {}
+
+    if "A" in sections:
+        methods = ["vanilla", "hf-assisted", "hf-assisted-heuristic", *STATIC, "heuristic", "confidence",
+                   "smartspec", *TREES, *OURS]
+        for mode, sample in (("greedy", False), ("sampling", True)):
+            res = run_benchmark(f"adaptive_batch1_{mode}", target, draft, prompts[: args.n_prompts], methods,
+                                batch_sizes=[1], do_sample=sample, **common)
+            print(res.table())
+            write_results(res, args.out)
+            by = {r.method: r for r in res.rows}
+            best_static = max(STATIC, key=lambda m: by[m].tokens_per_s)
+            summary[f"batch1_{mode}"] = {
+                "ours_vs_hf_assisted": by["adaptive"].tokens_per_s / by["hf-assisted"].tokens_per_s,
+                "ours_vs_best_static": by["adaptive"].tokens_per_s / by[best_static].tokens_per_s,
+                "best_static": best_static,
+                "tree_vs_chain_accepted_per_pass": (by["adaptive-tree"].accepted_per_step or 0)
+                / max(by["adaptive"].accepted_per_step or 1e-9, 1e-9),
+                "tree_vs_chain_speed": by["adaptive-tree"].tokens_per_s / by["adaptive"].tokens_per_s,
+            }
+
+    if "B" in sections:
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        res = run_benchmark("adaptive_batch_sweep", target, draft, prompts, ["vanilla", *STATIC[:4], "static-6",
+                            "static-8", *OURS], batch_sizes=sizes, n_batches=1, **common)
+        rows = {(r.method, r.batch): r for r in res.rows}
+        sweep = {}
+        for b in sizes:
+            best_k = max((m for m in STATIC if (m, b) in rows), key=lambda m: rows[(m, b)].tokens_per_s)
+            better = max(rows[("vanilla", b)].tokens_per_s, rows[(best_k, b)].tokens_per_s)
+            sweep[b] = {"best_static": best_k, "ours_vs_better_of_vanilla_and_best_static":
+                        rows[("adaptive", b)].tokens_per_s / better,
+                        "tree_vs_better": rows[("adaptive-tree", b)].tokens_per_s / better,
+                        "ours_mean_draft_len": rows[("adaptive", b)].mean_draft_len}
+        summary["batch_sweep"] = sweep
+        res.config["summary"] = sweep
+        print(res.table())
+        write_results(res, args.out)
+
+    if "C" in sections:
+        res = run_benchmark("adaptive_tree_vs_chain_sampling", target, draft, prompts,
+                            ["vanilla", "static-4", *TREES, *OURS], batch_sizes=[4, 16], n_batches=1,
+                            do_sample=True, **common)
+        print(res.table())
+        write_results(res, args.out)
+
+    out = Path(args.out) / "adaptive_summary.json"
+    out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
