@@ -154,7 +154,7 @@ class LatencyTable:
         return v
 
     def predict_many(self, rows: Any, tokens: Any, context: Any) -> np.ndarray:
-        """Vectorised :meth:`predict` over broadcast arrays."""
+        """:meth:`predict` elementwise over broadcast arrays (a loop: for tables and plots, not hot paths)."""
         r, t, c = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (rows, tokens, context)))
         flat = [self.predict(a, b, d) for a, b, d in zip(r.ravel().tolist(), t.ravel().tolist(), c.ravel().tolist())]
         return np.asarray(flat, dtype=float).reshape(r.shape)
