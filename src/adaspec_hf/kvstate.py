@@ -99,7 +99,8 @@ class KVState:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the (left-padded) prompts exactly as HF ``generate`` does; return last logits (B, V)."""
-        attention_mask = attention_mask.to(torch.long)
+        input_ids = input_ids.to(self.model.device)
+        attention_mask = attention_mask.to(device=self.model.device, dtype=torch.long)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         kwargs = {"logits_to_keep": 1} if self._takes_logits_to_keep else {}
         out = self.model(
@@ -153,6 +154,11 @@ class KVState:
         ``old_visible`` (B, q, S): extra already-cached slots to see besides the committed ones
         (e.g. ancestors drafted at an earlier tree level).
         """
+        caller = input_ids.device
+        dev = self.valid.device  # the model's device: target and draft may live on different ones
+        input_ids, positions, new_visible = input_ids.to(dev), positions.to(dev), new_visible.to(dev)
+        if old_visible is not None:
+            old_visible = old_visible.to(dev)
         mask = self.build_mask(positions, new_visible, old_visible)
         out = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=positions,
@@ -160,11 +166,12 @@ class KVState:
         )
         self.valid = torch.cat([self.valid, torch.zeros_like(positions, dtype=torch.bool)], dim=1)
         self.pos = torch.cat([self.pos, positions], dim=1)
-        return out.logits
+        return out.logits.to(caller)
 
     # ------------------------------------------------------------ bookkeeping
     def commit(self, slots: torch.Tensor, keep: torch.Tensor) -> None:
         """Mark ``slots`` (B, k) as committed where ``keep`` (B, k) is True."""
+        slots, keep = slots.to(self.valid.device), keep.to(self.valid.device)
         keep = keep & (slots >= 0)
         if bool(keep.any()):
             rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)
@@ -175,6 +182,7 @@ class KVState:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (finished requests stop costing compute)."""
+        rows = rows.to(self.valid.device)
         for layer in self._layers():
             layer.keys = layer.keys.index_select(0, rows)
             layer.values = layer.values.index_select(0, rows)
