@@ -88,11 +88,13 @@ def test_accept_sampling_monte_carlo_matches_target():
     assert torch.allclose(freq, p_root, atol=0.01)
 
 
-def test_end_to_end_sampling_statistics():
-    """First generated tokens from the speculative sampler follow the target's processed distribution."""
-    target, draft = pair("llama")
+@pytest.mark.parametrize("same", [False, True], ids=["random-draft", "agreeing-draft"])
+def test_end_to_end_sampling_statistics(same):
+    """Tokens emitted by verification follow the target's processed distribution. With an agreeing
+    draft most tokens come from accepted drafts, so a biased acceptance rule would show."""
+    target, draft = pair("llama", "sdpa", same=same)
     ids = torch.tensor([[5, 17, 33, 8]])
-    n_runs, n_new = 2000, 3
+    n_runs, n_new = 4000, 3
     temp = 1.3
     logits = target(ids).logits[0, -1].double() / temp
     expect_first = torch.softmax(logits, -1)
@@ -123,4 +125,9 @@ def test_end_to_end_sampling_statistics():
         draw = torch.multinomial(mix.float(), n_runs, replacement=True, generator=gc)
         control.append(float(0.5 * (torch.bincount(draw, minlength=mix.shape[0]).double() / n_runs - mix).abs().sum()))
     assert tv < 1.3 * max(control), f"total variation {tv:.3f} vs exact-sampling noise up to {max(control):.3f}"
+    # sharper: how often the token is each row's conditional argmax, vs its exact expectation
+    top = cond.argmax(-1)
+    p_top = cond.gather(1, top[:, None])[:, 0]
+    z = float(((second == top).double().mean() - p_top.mean()) / (p_top * (1 - p_top)).sum().sqrt() * n_runs)
+    assert abs(z) < 4.5, f"argmax frequency off by {z:.1f} standard deviations"
     assert out.stats.drafted_tokens > 0
