@@ -15,12 +15,15 @@ from .policies import (
     StepOutcome, TreeShape,
 )
 from .registry import POLICY_NAMES, make_policy
+from .serving import Chunk, Engine, EngineClosed, RequestHandle, RequestResult, SLOPlanner
+from .slo import SLO
 from .tree import DraftTree
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptiveCandidateGenerator", "Confidence", "DecodeResult", "DraftPolicy", "DraftTree",
+    "AdaptiveCandidateGenerator", "Chunk", "Confidence", "Engine", "EngineClosed", "RequestHandle",
+    "RequestResult", "SLO", "SLOPlanner", "DecodeResult", "DraftPolicy", "DraftTree",
     "GenerationStats", "Heuristic", "LevelContext", "POLICY_NAMES", "ShapeFunction",
     "SpeculativeDecoder", "StaticChain", "StepContext", "StepOutcome", "StepRecord", "TreeShape",
     "adaptive_generate", "check_vocab", "disable", "enable", "make_policy",

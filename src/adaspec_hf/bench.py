@@ -335,6 +335,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--name", default="bench")
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.set_defaults(func=_cli)
+    from .serving_bench import register_serve_cli  # `adaspec-hf bench serve ...`
+
+    register_serve_cli(p.add_subparsers(dest="bench_command", title="sub-benchmarks"))
 
 
 def load_prompt_ids(tokenizer, n: int, pair_dir=None) -> list[list[int]]:

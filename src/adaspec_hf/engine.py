@@ -4,12 +4,19 @@ One target forward per step verifies every row's tree (a float 4-D mask plus exp
 rows advance at their own pace, finished rows leave the batch, and both caches keep rejected slots
 as holes until compaction. Greedy output is token-identical to the target's own greedy decoding;
 sampling output follows the target's processed distribution exactly (see :mod:`.rejection`).
+
+The step itself (:class:`SpecStep`) works on a :class:`RowBatch` (both caches plus each row's
+committed length) and asks a :class:`RowSource` for everything about the rows' tokens: their
+committed text, processors, sampling mode, and what to do with emitted tokens. Two owners share it:
+:class:`SpeculativeDecoder` (one ``generate`` call over a fixed batch) and the serving engine
+(:mod:`.serving`, requests that join and leave between steps).
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
@@ -18,7 +25,7 @@ from .drafter import TreeDrafter
 from .kvstate import KVState, check_cache_support
 from .policies import DraftPolicy, StepContext, StepOutcome
 from .processing import Processing
-from .rejection import accept_greedy, accept_sampling
+from .rejection import Verdict, accept_greedy, accept_sampling
 from .tree import DraftTree
 
 logger = logging.getLogger("adaspec_hf")
@@ -98,6 +105,338 @@ class DecodeResult:
     new_tokens: list[list[int]]
 
 
+# ------------------------------------------------------------------------------------ batch state
+class RowBatch:
+    """The running rows: target and draft caches plus, per row, its key, committed length and how
+    many committed tokens the draft cache has seen. ``length`` counts real tokens (prompt and
+    generated) including the *pending* one: the last emitted token, not yet fed to the target."""
+
+    def __init__(self, target: PreTrainedModel, draft: PreTrainedModel):
+        self.tkv, self.dkv = KVState(target), KVState(draft)
+        self.draft_device = draft.device
+        dev = target.device
+        self.rid = torch.zeros(0, dtype=torch.long, device=dev)
+        self.length = torch.zeros(0, dtype=torch.long, device=dev)
+        self.draft_seen = torch.zeros(0, dtype=torch.long, device=dev)
+
+    @property
+    def rows(self) -> int:
+        return int(self.rid.shape[0])
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rid: torch.Tensor) -> torch.Tensor:
+        """Prefill both caches with left-padded prompts; return the target's last logits (B, V) float32.
+        The caller commits the first token (``length`` already counts it as pending)."""
+        logits = self.tkv.prefill(input_ids, attention_mask).float()
+        self.dkv.prefill(input_ids.to(self.draft_device), attention_mask.to(self.draft_device))
+        real = attention_mask.sum(1).to(self.rid.device)
+        self.rid = rid.to(self.rid.device)
+        self.draft_seen = real.clone()
+        self.length = real + 1
+        return logits
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep only rows ``idx`` (others leave the batch and stop costing compute)."""
+        self.rid, self.length, self.draft_seen = self.rid[idx], self.length[idx], self.draft_seen[idx]
+        self.tkv.select_rows(idx)
+        self.dkv.select_rows(idx.to(self.draft_device))
+
+    def extend(self, other: "RowBatch") -> None:
+        """Append another batch's rows (continuous batching; caches are left-padded to align)."""
+        self.tkv.append_rows(other.tkv)
+        self.dkv.append_rows(other.dkv)
+        self.rid = torch.cat([self.rid, other.rid])
+        self.length = torch.cat([self.length, other.length])
+        self.draft_seen = torch.cat([self.draft_seen, other.draft_seen])
+
+    def maybe_compact(self, threshold: float) -> None:
+        self.tkv.maybe_compact(threshold)
+        self.dkv.maybe_compact(threshold)
+
+    @property
+    def cached_slots(self) -> int:
+        """Slots held by the target cache (rows x length, holes and padding included)."""
+        return self.tkv.rows * self.tkv.length
+
+
+# (rows (M,), paths (M, D), depths (M,) or None) -> [(row key, full token prefix)] for processors
+PrefixFn = Callable[..., list]
+
+
+class RowSource:
+    """What :class:`SpecStep` needs from the owner of the rows. ``rid`` holds the batch's row keys."""
+
+    def remaining(self, rid: torch.Tensor) -> torch.Tensor:
+        """(B,) tokens each row may still emit."""
+        raise NotImplementedError
+
+    def committed(self, rid: torch.Tensor, start: torch.Tensor, width: int) -> torch.Tensor:
+        """(B, width) committed tokens from position ``start[b]`` (0 = first prompt token) on;
+        entries past a row's committed text may hold any valid token id (they are masked)."""
+        raise NotImplementedError
+
+    def token_at(self, rid: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self.committed(rid, position, 1)[:, 0]
+
+    def prefix_fn(self, rid: torch.Tensor) -> PrefixFn:
+        raise NotImplementedError
+
+    def process_fn(self, rid: torch.Tensor):
+        """A ProcessFn ``(scores (M, V), prefixes) -> scores`` over M = B x k lines laid out row-major,
+        or None when no row has logits processors."""
+        return None
+
+    def sampling(self, rid: torch.Tensor) -> bool | torch.Tensor:
+        """True/False for the whole batch, or a (B,) bool tensor (mixed batches)."""
+        return False
+
+    def context(self, **kw) -> StepContext:
+        return StepContext(**kw)
+
+    def commit(self, rid: torch.Tensor, emitted: torch.Tensor, n_emit: torch.Tensor, scores: torch.Tensor,
+               raw: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Store the emitted tokens (B, m) (first ``n_emit[b]`` valid); return finished rows (B,)."""
+        raise NotImplementedError
+
+
+def _identity_process(scores, prefixes):
+    return scores
+
+
+def node_paths(tree: DraftTree) -> torch.Tensor:
+    """(B, 1+N, D) tokens from the root down to each verify index (root: empty, 0-padded)."""
+    b, n = tree.tokens.shape
+    d = int(tree.depth.max()) if n else 0
+    paths = torch.zeros(b, 1 + n, d, dtype=torch.long, device=tree.tokens.device)
+    if n:
+        anc = tree.ancestors()  # (B, N, N)
+        col = (tree.depth - 1).clamp(min=0)[:, None, :].expand(b, n, n)
+        val = tree.tokens[:, None, :].expand(b, n, n)
+        inner = torch.zeros(b, n, d, dtype=torch.long, device=tree.tokens.device)
+        inner.scatter_add_(2, torch.where(anc, col, 0), torch.where(anc, val, 0))
+        paths[:, 1:] = inner
+    return paths
+
+
+def _merge_verdicts(smp: torch.Tensor, a: Verdict, b: Verdict) -> Verdict:
+    """Per row: ``a`` where ``smp`` else ``b`` (same tree, so the same shapes)."""
+    def w(x, y):
+        m = smp.reshape(-1, *([1] * (x.dim() - 1)))
+        return torch.where(m, x, y.to(x.dtype))
+    return Verdict(path=w(a.path, b.path), n_accepted=w(a.n_accepted, b.n_accepted),
+                   emitted=w(a.emitted, b.emitted), source=w(a.source, b.source), tested=w(a.tested, b.tested),
+                   accept_prob=w(a.accept_prob.float(), b.accept_prob.float()), accepted=w(a.accepted, b.accepted))
+
+
+class SpecStep:
+    """One draft -> select -> verify -> commit step over a :class:`RowBatch`.
+
+    ``draft_sampling``: sample chain drafts from the draft's distribution (else the draft's top
+    tokens, which the lossless acceptance rule handles for greedy and sampling rows alike).
+    """
+
+    def __init__(self, policy: DraftPolicy, *, draft_sampling: bool = False,
+                 generator: torch.Generator | None = None, timing: bool = True):
+        self.policy = policy
+        self.draft_sampling = draft_sampling
+        self.generator = generator
+        self.timing = timing
+
+    def _sync(self, dev: torch.device) -> None:
+        if self.timing and dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    @torch.no_grad()
+    def __call__(self, batch: RowBatch, src: RowSource, step: int) -> tuple[torch.Tensor, StepRecord]:
+        """Advance every row of ``batch`` by one verify pass; return (finished (B,), record)."""
+        tkv, dkv = batch.tkv, batch.dkv
+        dev = batch.rid.device
+        rid, length = batch.rid, batch.length
+        bsz = rid.shape[0]
+        t0 = time.perf_counter()
+        remaining = src.remaining(rid)
+        smp = src.sampling(rid)
+        any_smp = bool(smp.any()) if isinstance(smp, torch.Tensor) else bool(smp)
+        ctx = src.context(rows=bsz, context_len=length, remaining=remaining, sampling=any_smp,
+                          step=step, row_ids=rid)
+        max_depth = self.policy.max_depth(ctx).to(dev).clamp(min=0)
+        max_depth = torch.minimum(max_depth, remaining - 1).clamp(min=0)
+        prefix_of = src.prefix_fn(rid)
+        process = src.process_fn(rid)
+        tree = DraftTree.empty(bsz, dev)
+        if bool((max_depth > 0).any()):
+            # catch the draft up on every committed token it has not seen (the pending one at least)
+            count = length - batch.draft_seen
+            toks = src.committed(rid, batch.draft_seen, int(count.max()))
+            drafter = TreeDrafter(dkv, self.draft_sampling, self.generator)
+            root_logits = drafter.catch_up(toks, batch.draft_seen, count).to(dev)
+            batch.draft_seen = length.clone()
+            tree = drafter.grow(root_logits, self.policy, ctx, max_depth, process or _identity_process, prefix_of)
+            keep_nodes = self.policy.select(tree, ctx)
+            if tree.width:
+                tree = tree.select(keep_nodes)
+        self._sync(dev)
+        t1 = time.perf_counter()
+
+        # ---- verify: [pending, nodes...] per row in one target forward
+        n = tree.width
+        q = 1 + n
+        pending = src.token_at(rid, length - 1)
+        tokens = torch.cat([pending[:, None], tree.tokens], dim=1)
+        positions = (length - 1)[:, None] + torch.cat(
+            [torch.zeros(bsz, 1, dtype=torch.long, device=dev), tree.depth], dim=1)
+        vis = torch.zeros(bsz, q, q, dtype=torch.bool, device=dev)
+        vis[:, 0, 0] = True
+        if n:
+            vis[:, 1:, 0] = tree.valid
+            vis[:, 1:, 1:] = tree.ancestors()
+            idx = torch.arange(1, q, device=dev)
+            vis[:, idx, idx] = True  # padding slots see themselves (their output is ignored)
+        s0 = tkv.length
+        raw = tkv.forward(tokens, positions, vis).float()
+        scores = raw
+        if process is not None:
+            paths = node_paths(tree)
+            flat_rows = torch.arange(bsz, device=dev)[:, None].expand(bsz, q).reshape(-1)
+            depths = torch.cat([torch.zeros(bsz, 1, dtype=torch.long, device=dev), tree.depth], 1).reshape(-1)
+            scores = process(
+                raw.reshape(bsz * q, -1),
+                lambda: prefix_of(flat_rows, paths.reshape(bsz * q, -1), depths),
+            ).reshape(bsz, q, -1)
+        if isinstance(smp, torch.Tensor) and bool(smp.any()) and not bool(smp.all()):
+            verdict = _merge_verdicts(smp, accept_sampling(tree, torch.softmax(scores, -1), self.generator),
+                                      accept_greedy(tree, scores))
+        elif any_smp:
+            verdict = accept_sampling(tree, torch.softmax(scores, -1), self.generator)
+        else:
+            verdict = accept_greedy(tree, scores)
+
+        # ---- commit: root + accepted path in the target cache; fed accepted nodes in the draft's
+        ar_q = torch.arange(q, device=dev)
+        slot_keep = torch.zeros(bsz, q, dtype=torch.bool, device=dev)
+        slot_keep[:, 0] = True
+        if n:
+            slot_keep[:, 1:] = verdict.accepted
+            fed = verdict.accepted & (tree.draft_slot >= 0)
+            dkv.commit(tree.draft_slot, fed)
+            batch.draft_seen = batch.draft_seen + fed.sum(1)
+        tkv.commit((s0 + ar_q)[None, :].expand(bsz, q), slot_keep)
+        n_emit = verdict.n_emitted
+        finished = src.commit(rid, verdict.emitted, n_emit, scores, raw, verdict.source)
+        batch.length = length + n_emit
+        self._sync(dev)
+        t2 = time.perf_counter()
+        record = StepRecord(
+            rows=bsz, drafted=tree.n_nodes.tolist() if n else [0] * bsz,
+            accepted=verdict.n_accepted.tolist(), draft_time=t1 - t0, verify_time=t2 - t1,
+            step_time=t2 - t0, predicted_time=getattr(self.policy, "last_predicted_time", None),
+        )
+        self.policy.observe(StepOutcome(
+            tree=tree, n_accepted=verdict.n_accepted, tested=verdict.tested,
+            accept_prob=verdict.accept_prob, accepted=verdict.accepted,
+            step_time=t2 - t0, draft_time=t1 - t0, verify_time=t2 - t1, context_len=batch.length, row_ids=rid,
+        ))
+        return finished, record
+
+
+# ------------------------------------------------------------------------------ one generate call
+class _BufferRows(RowSource):
+    """Rows of one ``generate`` call: a left-padded (B, P + T) token buffer indexed by original row."""
+
+    def __init__(self, dec: "SpeculativeDecoder", input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new: int):
+        b, p = input_ids.shape
+        dev = dec.device
+        self.dec, self.p, self.max_new = dec, p, max_new
+        self.out = torch.full((b, p + max_new + 1), dec.pad_token_id, dtype=torch.long, device=dev)
+        self.out[:, :p] = input_ids
+        self.n_gen = torch.zeros(b, dtype=torch.long, device=dev)
+        self.pad = p - attention_mask.sum(1)  # left padding per original row
+        self.process = Processing(dec.processors, batch_size=b)
+        self.scores_per_row: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        self.logits_per_row: list[list[torch.Tensor]] = [[] for _ in range(b)]
+
+    def remaining(self, rid):
+        return self.max_new - self.n_gen[rid]
+
+    def committed(self, rid, start, width):
+        ar = torch.arange(width, device=rid.device)
+        cols = ((start + self.pad[rid])[:, None] + ar[None, :]).clamp(max=self.out.shape[1] - 1)
+        return self.out[rid[:, None], cols]
+
+    def prefix_fn(self, rid):
+        out, n_gen, p = self.out, self.n_gen, self.p
+
+        def prefix_of(rows: torch.Tensor, paths: torch.Tensor, depths: torch.Tensor | None = None):
+            res = []
+            dl = depths.tolist() if depths is not None else [paths.shape[1]] * len(rows)
+            for r, path, d in zip(rows.tolist(), paths, dl):
+                path = path[:d]
+                orig = int(rid[r])
+                res.append((orig, torch.cat([out[orig, : p + int(n_gen[orig])], path.to(out.device)])))
+            return res
+        return prefix_of
+
+    def process_fn(self, rid):
+        return self.process if self.process else None
+
+    def sampling(self, rid):
+        return self.dec.do_sample
+
+    def commit(self, rid, emitted, n_emit, scores, raw, source):
+        rows_ar = torch.arange(rid.shape[0], device=rid.device)
+        sc = scores[rows_ar[:, None], source] if self.dec.output_scores else None
+        lg = raw[rows_ar[:, None], source] if self.dec.output_logits else None
+        return self.commit_tokens(rid, emitted, n_emit, sc, lg)
+
+    def commit_tokens(self, rid, emitted, n_emit, sc, lg) -> torch.Tensor:
+        """Append emitted tokens per row, applying eos / length / stop criteria; return finished."""
+        dec, out, n_gen, p = self.dec, self.out, self.n_gen, self.p
+        dev = dec.device
+        bsz, m = emitted.shape
+        ar = torch.arange(m, device=dev)
+        valid = ar[None, :] < n_emit[:, None]
+        remaining = self.max_new - n_gen[rid]
+        cut = torch.minimum(n_emit, remaining)
+        done = n_emit >= remaining
+        if dec.eos.numel():
+            is_eos = torch.isin(emitted, dec.eos) & valid
+            has = is_eos.any(1)
+            first = is_eos.to(torch.int8).argmax(1) + 1
+            hit = has & (first <= cut)
+            cut = torch.where(hit, first, cut)
+            done = done | hit
+        if len(dec.stopping):
+            cut, done = self._apply_stopping(rid, emitted, cut, done)
+        keep = ar[None, :] < cut[:, None]
+        cols = (p + n_gen[rid])[:, None] + ar[None, :]
+        r2 = rid[:, None].expand(bsz, m)
+        out[r2[keep], cols[keep]] = emitted[keep]
+        if sc is not None or lg is not None:
+            for i, orig in enumerate(rid.tolist()):
+                c = int(cut[i])
+                if sc is not None:
+                    self.scores_per_row[orig].extend(sc[i, :c])
+                if lg is not None:
+                    self.logits_per_row[orig].extend(lg[i, :c])
+        n_gen[rid] += cut
+        if dec.streamer is not None:
+            dec.streamer.put(emitted[0, : int(cut[0])].cpu())
+        return done
+
+    def _apply_stopping(self, rid, emitted, cut, done):
+        cut, done = cut.clone(), done.clone()
+        for i, orig in enumerate(rid.tolist()):
+            base = self.out[orig, : self.p + int(self.n_gen[orig])]
+            for k in range(int(cut[i])):
+                seq = torch.cat([base, emitted[i, : k + 1]])[None]
+                hit = self.dec.stopping(seq, None)
+                if bool(torch.as_tensor(hit).reshape(-1)[0]):
+                    cut[i] = k + 1
+                    done[i] = True
+                    break
+        return cut, done
+
+
 class SpeculativeDecoder:
     """Batched lossless speculative decoding for a target/draft pair sharing a vocabulary."""
 
@@ -138,7 +477,6 @@ class SpeculativeDecoder:
         self.timing = timing
         self.v_target = target.config.vocab_size if hasattr(target.config, "vocab_size") else None
 
-    # ----------------------------------------------------------------- helpers
     def _sync(self) -> None:
         if self.timing and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -148,7 +486,6 @@ class SpeculativeDecoder:
             return torch.multinomial(torch.softmax(scores, -1), 1, generator=self.generator)[:, 0]
         return scores.argmax(-1)
 
-    # -------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
@@ -170,39 +507,23 @@ class SpeculativeDecoder:
         b, p = input_ids.shape
         stats = GenerationStats(policy=getattr(self.policy, "name", type(self.policy).__name__))
         self.policy.reset()
-
-        # batch state (rows of the active batch map to original rows via `rid`)
-        out = torch.full((b, p + max_new_tokens + 1), self.pad_token_id, dtype=torch.long, device=dev)
-        out[:, :p] = input_ids
-        n_gen = torch.zeros(b, dtype=torch.long, device=dev)
-        real_len = attention_mask.sum(1)
-        self._pad = p - real_len  # left padding per original row
-        self.process = Processing(self.processors, batch_size=b)
-        scores_per_row: list[list[torch.Tensor]] = [[] for _ in range(b)]
-        logits_per_row: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        rows = _BufferRows(self, input_ids, attention_mask, max_new_tokens)
 
         # prefill both models; the target's last logits give the first token, as in HF generate
-        tkv, dkv = KVState(self.target), KVState(self.draft)
-        first_logits = tkv.prefill(input_ids, attention_mask).float()
-        dkv.prefill(input_ids.to(self.draft.device), attention_mask.to(self.draft.device))
-        first_scores = self.process(first_logits, lambda: list(enumerate(input_ids)))
+        batch = RowBatch(self.target, self.draft)
+        first_logits = batch.prefill(input_ids, attention_mask, torch.arange(b, device=dev))
+        first_scores = rows.process(first_logits, lambda: list(enumerate(input_ids)))
         first = self._pick(first_scores)
         self._sync()
         stats.prefill_time = time.perf_counter() - t_start
         if self.streamer is not None:
             self.streamer.put(input_ids.cpu())
-
-        rid = torch.arange(b, device=dev)  # active rows -> original rows
-        length = real_len.clone()  # committed real tokens per active row (pending included)
-        draft_seen = real_len.clone()  # tokens the draft cache holds
-        finished = self._commit_tokens(
-            rid, first[:, None], torch.ones(b, dtype=torch.long, device=dev), out, n_gen, p, max_new_tokens,
+        finished = rows.commit_tokens(
+            batch.rid, first[:, None], torch.ones(b, dtype=torch.long, device=dev),
             first_scores[:, None] if self.output_scores else None,
             first_logits[:, None] if self.output_logits else None,
-            scores_per_row, logits_per_row,
         )
-        length = length + 1
-        drafter = TreeDrafter(dkv, self.do_sample, self.generator)
+        stepper = SpecStep(self.policy, draft_sampling=self.do_sample, generator=self.generator, timing=self.timing)
         step = 0
         while True:
             keep = ~finished
@@ -211,27 +532,22 @@ class SpeculativeDecoder:
             if not bool(keep.all()):
                 if not bool(keep.any()):
                     break
-                idx = torch.nonzero(keep)[:, 0]
-                rid, length, draft_seen = rid[idx], length[idx], draft_seen[idx]
-                tkv.select_rows(idx)
-                dkv.select_rows(idx.to(self.draft.device))
+                batch.keep(torch.nonzero(keep)[:, 0])
             step += 1
-            finished, length, draft_seen = self._step(
-                step, stats, tkv, dkv, drafter, rid, length, draft_seen, out, n_gen, p,
-                max_new_tokens, scores_per_row, logits_per_row,
-            )
-            tkv.maybe_compact(self.compaction_threshold)
-            dkv.maybe_compact(self.compaction_threshold)
+            finished, record = stepper(batch, rows, step)
+            stats.steps.append(record)
+            batch.maybe_compact(self.compaction_threshold)
 
         if self.streamer is not None:
             self.streamer.end()
+        n_gen, out = rows.n_gen, rows.out
         width = int(n_gen.max())
         sequences = out[:, : p + width]
         new_tokens = [out[i, p: p + int(n_gen[i])].tolist() for i in range(b)]
         stats.total_time = time.perf_counter() - t_start
         stats.new_tokens = int(n_gen.sum())
-        scores = self._stack(scores_per_row, width) if self.output_scores else None
-        logits = self._stack(logits_per_row, width) if self.output_logits else None
+        scores = self._stack(rows.scores_per_row, width) if self.output_scores else None
+        logits = self._stack(rows.logits_per_row, width) if self.output_logits else None
         logger.debug("adaspec generate: %s", stats.summary())
         return DecodeResult(sequences, scores, logits, stats, new_tokens)
 
@@ -240,173 +556,4 @@ class SpeculativeDecoder:
         zero = torch.zeros(v, device=self.device)
         return tuple(torch.stack([r[t] if t < len(r) else zero for r in per_row]) for t in range(width))
 
-    # ------------------------------------------------------------------ step
-    def _prefix_fn(self, out: torch.Tensor, rid: torch.Tensor, n_gen: torch.Tensor, p: int):
-        def prefix_of(rows: torch.Tensor, paths: torch.Tensor, depths: torch.Tensor | None = None):
-            res = []
-            dl = depths.tolist() if depths is not None else [paths.shape[1]] * len(rows)
-            for r, path, d in zip(rows.tolist(), paths, dl):
-                path = path[:d]
-                orig = int(rid[r])
-                res.append((orig, torch.cat([out[orig, : p + int(n_gen[orig])], path.to(out.device)])))
-            return res
-        return prefix_of
-
-    def _step(self, step, stats, tkv, dkv, drafter, rid, length, draft_seen, out, n_gen, p,
-              max_new, scores_per_row, logits_per_row):
-        dev = self.device
-        bsz = rid.shape[0]
-        t0 = time.perf_counter()
-        remaining = max_new - n_gen[rid]
-        ctx = StepContext(rows=bsz, context_len=length, remaining=remaining, sampling=self.do_sample,
-                          step=step, row_ids=rid)
-        max_depth = self.policy.max_depth(ctx).to(dev).clamp(min=0)
-        max_depth = torch.minimum(max_depth, remaining - 1).clamp(min=0)
-        prefix_of = self._prefix_fn(out, rid, n_gen, p)
-        tree = DraftTree.empty(bsz, dev)
-        if bool((max_depth > 0).any()):
-            # catch the draft up on every committed token it has not seen (the pending one at least)
-            count = length - draft_seen
-            u = int(count.max())
-            ar = torch.arange(u, device=dev)
-            start_col = self._col_of(rid, draft_seen, out, p)
-            cols = (start_col[:, None] + ar[None, :]).clamp(max=out.shape[1] - 1)
-            toks = out[rid[:, None], cols]
-            root_logits = drafter.catch_up(toks, draft_seen, count).to(dev)
-            draft_seen = length.clone()
-            tree = drafter.grow(root_logits, self.policy, ctx, max_depth, self.process, prefix_of)
-            keep_nodes = self.policy.select(tree, ctx)
-            if tree.width:
-                tree = tree.select(keep_nodes)
-        self._sync()
-        t1 = time.perf_counter()
-
-        # ---- verify: [pending, nodes...] per row in one target forward
-        n = tree.width
-        q = 1 + n
-        pending_col = self._col_of(rid, length - 1, out, p)
-        pending = out[rid, pending_col]
-        tokens = torch.cat([pending[:, None], tree.tokens], dim=1)
-        positions = (length - 1)[:, None] + torch.cat(
-            [torch.zeros(bsz, 1, dtype=torch.long, device=dev), tree.depth], dim=1)
-        vis = torch.zeros(bsz, q, q, dtype=torch.bool, device=dev)
-        vis[:, 0, 0] = True
-        if n:
-            vis[:, 1:, 0] = tree.valid
-            vis[:, 1:, 1:] = tree.ancestors()
-            idx = torch.arange(1, q, device=dev)
-            vis[:, idx, idx] = True  # padding slots see themselves (their output is ignored)
-        s0 = tkv.length
-        raw = tkv.forward(tokens, positions, vis).float()
-        scores = raw
-        if self.process:
-            paths = self._node_paths(tree)
-            flat_rows = torch.arange(bsz, device=dev)[:, None].expand(bsz, q).reshape(-1)
-            depths = torch.cat([torch.zeros(bsz, 1, dtype=torch.long, device=dev), tree.depth], 1).reshape(-1)
-            scores = self.process(
-                raw.reshape(bsz * q, -1),
-                lambda: prefix_of(flat_rows, paths.reshape(bsz * q, -1), depths),
-            ).reshape(bsz, q, -1)
-        if self.do_sample:
-            verdict = accept_sampling(tree, torch.softmax(scores, -1), self.generator)
-        else:
-            verdict = accept_greedy(tree, scores)
-
-        # ---- commit: root + accepted path in the target cache; fed accepted nodes in the draft's
-        ar_q = torch.arange(q, device=dev)
-        slot_keep = torch.zeros(bsz, q, dtype=torch.bool, device=dev)
-        slot_keep[:, 0] = True
-        if n:
-            slot_keep[:, 1:] = verdict.accepted
-            fed = verdict.accepted & (tree.draft_slot >= 0)
-            dkv.commit(tree.draft_slot, fed)
-            draft_seen = draft_seen + fed.sum(1)
-        tkv.commit((s0 + ar_q)[None, :].expand(bsz, q), slot_keep)
-        n_emit = verdict.n_emitted
-        emitted = verdict.emitted
-        rows_ar = torch.arange(bsz, device=dev)
-        sc = scores[rows_ar[:, None], verdict.source] if self.output_scores else None
-        lg = raw[rows_ar[:, None], verdict.source] if self.output_logits else None
-        finished = self._commit_tokens(rid, emitted, n_emit, out, n_gen, p, max_new, sc, lg,
-                                       scores_per_row, logits_per_row)
-        length = length + n_emit
-        self._sync()
-        t2 = time.perf_counter()
-        stats.steps.append(StepRecord(
-            rows=bsz, drafted=tree.n_nodes.tolist() if n else [0] * bsz,
-            accepted=verdict.n_accepted.tolist(), draft_time=t1 - t0, verify_time=t2 - t1,
-            step_time=t2 - t0, predicted_time=getattr(self.policy, "last_predicted_time", None),
-        ))
-        self.policy.observe(StepOutcome(
-            tree=tree, n_accepted=verdict.n_accepted, tested=verdict.tested,
-            accept_prob=verdict.accept_prob, accepted=verdict.accepted,
-            step_time=t2 - t0, draft_time=t1 - t0, verify_time=t2 - t1, context_len=length, row_ids=rid,
-        ))
-        return finished, length, draft_seen
-
-    def _col_of(self, rid, position, out, p) -> torch.Tensor:
-        """Column in ``out`` of the token at ``position`` (0 = first real prompt token) per row."""
-        return position + self._pad[rid]
-
-    @staticmethod
-    def _node_paths(tree: DraftTree) -> torch.Tensor:
-        """(B, 1+N, D) tokens from the root down to each verify index (root: empty, 0-padded)."""
-        b, n = tree.tokens.shape
-        d = int(tree.depth.max()) if n else 0
-        paths = torch.zeros(b, 1 + n, d, dtype=torch.long, device=tree.tokens.device)
-        if n:
-            anc = tree.ancestors()  # (B, N, N)
-            col = (tree.depth - 1).clamp(min=0)[:, None, :].expand(b, n, n)
-            val = tree.tokens[:, None, :].expand(b, n, n)
-            inner = torch.zeros(b, n, d, dtype=torch.long, device=tree.tokens.device)
-            inner.scatter_add_(2, torch.where(anc, col, 0), torch.where(anc, val, 0))
-            paths[:, 1:] = inner
-        return paths
-
-    def _commit_tokens(self, rid, emitted, n_emit, out, n_gen, p, max_new, sc, lg,
-                       scores_per_row, logits_per_row) -> torch.Tensor:
-        """Append emitted tokens per row, applying eos / length / stop criteria; return finished."""
-        dev = self.device
-        bsz, m = emitted.shape
-        ar = torch.arange(m, device=dev)
-        valid = ar[None, :] < n_emit[:, None]
-        remaining = max_new - n_gen[rid]
-        cut = torch.minimum(n_emit, remaining)
-        done = n_emit >= remaining
-        if self.eos.numel():
-            is_eos = torch.isin(emitted, self.eos) & valid
-            has = is_eos.any(1)
-            first = is_eos.to(torch.int8).argmax(1) + 1
-            hit = has & (first <= cut)
-            cut = torch.where(hit, first, cut)
-            done = done | hit
-        if len(self.stopping):
-            cut, done = self._apply_stopping(rid, emitted, cut, done, out, n_gen, p)
-        keep = ar[None, :] < cut[:, None]
-        cols = (p + n_gen[rid])[:, None] + ar[None, :]
-        r2 = rid[:, None].expand(bsz, m)
-        out[r2[keep], cols[keep]] = emitted[keep]
-        if sc is not None or lg is not None:
-            for i, orig in enumerate(rid.tolist()):
-                c = int(cut[i])
-                if sc is not None:
-                    scores_per_row[orig].extend(sc[i, :c])
-                if lg is not None:
-                    logits_per_row[orig].extend(lg[i, :c])
-        n_gen[rid] += cut
-        if self.streamer is not None:
-            self.streamer.put(emitted[0, : int(cut[0])].cpu())
-        return done
-
-    def _apply_stopping(self, rid, emitted, cut, done, out, n_gen, p):
-        cut, done = cut.clone(), done.clone()
-        for i, orig in enumerate(rid.tolist()):
-            base = out[orig, : p + int(n_gen[orig])]
-            for k in range(int(cut[i])):
-                seq = torch.cat([base, emitted[i, : k + 1]])[None]
-                hit = self.stopping(seq, None)
-                if bool(torch.as_tensor(hit).reshape(-1)[0]):
-                    cut[i] = k + 1
-                    done[i] = True
-                    break
-        return cut, done
+    _node_paths = staticmethod(node_paths)

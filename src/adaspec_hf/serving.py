@@ -1,0 +1,1158 @@
+"""SLO-aware continuous-batching engine: submit requests, stream tokens, meet latency objectives.
+
+::
+
+    with Engine(target, draft, tokenizer, max_rows=8) as engine:
+        h = engine.submit("def main():", max_new_tokens=64, slo=SLO(tpot_ms=40, ttft_ms=500))
+        for chunk in h:                      # or: async for chunk in h
+            print(chunk.text, end="")
+        print(h.result().tpot, h.result().slo_met)
+
+A background thread runs the step loop until :meth:`Engine.close`. Between steps, finished and
+cancelled requests leave the batch (``KVState.select_rows``) and queued ones are prefilled alone and
+merged in (``KVState.append_rows``), earliest TTFT deadline first. Each step is the shared
+:class:`~adaspec_hf.engine.SpecStep` (draft -> select -> verify -> commit) with per-request
+tokens, sampling mode and logits processors, so greedy outputs equal ``target.generate`` for the
+same prompt whatever the batch around it.
+
+:class:`SLOPlanner` is AdaServe's selection on top of the goodput planner: each step it first
+gives every request that is behind its TPOT track the draft nodes it needs (neediest first, by
+calibrated path probability), then spends the rest where the batch's predicted goodput rises.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import numpy as np
+import torch
+from transformers import (
+    GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList, StopStringCriteria,
+)
+
+from .engine import GenerationStats, RowBatch, RowSource, SpecStep
+from .kvstate import check_cache_support
+from .planner import AdaptivePlanner, SmartSpec
+from .policies import DraftPolicy, Heuristic, LevelContext, StepContext
+from .processing import Processing
+from .slo import SLO
+from .tree import DraftTree
+
+logger = logging.getLogger("adaspec_hf")
+
+__all__ = ["Chunk", "Engine", "EngineClosed", "RequestHandle", "RequestResult", "SLO", "SLOPlanner",
+           "ServingStepContext", "make_engine_policy"]
+
+
+class EngineClosed(RuntimeError):
+    """The engine no longer accepts requests (closed, or its step loop died)."""
+
+
+# --------------------------------------------------------------------------------------- results
+@dataclass
+class Chunk:
+    """Tokens one step committed for a request, and the text they add (``""`` without tokenizer)."""
+
+    token_ids: list[int]
+    text: str
+    time: float  # time.perf_counter() at commit
+
+
+@dataclass
+class RequestResult:
+    request_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "eos" | "length" | "stop" | "cancelled" | "error"
+    arrival: float  # time.perf_counter() at submit
+    ttft: float | None  # seconds from submit to the first token
+    tpot: float | None  # mean seconds per output token after the first
+    latency: float | None  # seconds from submit to the last token
+    drafted_tokens: int = 0  # draft nodes verified for this request
+    accepted_tokens: int = 0  # of which accepted
+    steps: int = 0  # verify passes the request took part in
+    slo: SLO | None = None
+    slo_met: bool | None = None  # None without an SLO
+    error: BaseException | None = None
+    first_token_at: float | None = None  # time.perf_counter() of the first / last token
+    last_token_at: float | None = None
+
+    @property
+    def accepted_per_step(self) -> float:
+        return self.accepted_tokens / max(self.steps, 1)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / max(self.drafted_tokens, 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "request_id": self.request_id, "prompt_tokens": len(self.prompt_ids),
+            "new_tokens": len(self.token_ids), "finish_reason": self.finish_reason, "ttft": self.ttft,
+            "tpot": self.tpot, "latency": self.latency, "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens, "steps": self.steps,
+            "tpot_slo_ms": self.slo.tpot_ms if self.slo else None,
+            "ttft_slo_ms": self.slo.ttft_ms if self.slo else None, "slo_met": self.slo_met,
+            "error": repr(self.error) if self.error else None,
+        }
+
+
+class RequestHandle:
+    """A submitted request: stream its chunks (``for`` / ``async for``), cancel it, get its result."""
+
+    def __init__(self, engine: "Engine", request_id: int):
+        self._engine = engine
+        self.request_id = request_id
+        self._cond = threading.Condition()
+        self._chunks: list[Chunk] = []
+        self._result: RequestResult | None = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._cancel = False
+
+    # -- engine side
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        self._cond.notify_all()
+        for loop, ev in waiters:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # loop closed
+                pass
+
+    def _push(self, chunk: Chunk) -> None:
+        with self._cond:
+            self._chunks.append(chunk)
+            self._notify()
+
+    def _finish(self, result: RequestResult) -> None:
+        with self._cond:
+            if self._result is None:
+                self._result = result
+            self._notify()
+
+    # -- user side
+    def done(self) -> bool:
+        return self._result is not None
+
+    def cancel(self) -> bool:
+        """Ask the engine to stop this request (at the next step boundary). False if already done."""
+        with self._cond:
+            if self._result is not None:
+                return False
+            self._cancel = True
+        self._engine._poke()
+        return True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._result is not None and self._result.finish_reason == "cancelled"
+
+    def _wait(self, timeout: float | None) -> RequestResult:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._result is not None, timeout):
+                raise TimeoutError(f"request {self.request_id} not done after {timeout} s")
+            return self._result
+
+    def result(self, timeout: float | None = None) -> RequestResult:
+        """Block until done; raise the request's error if it failed (cancelled requests return)."""
+        res = self._wait(timeout)
+        if res.error is not None:
+            raise res.error
+        return res
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return self._wait(timeout).error
+
+    async def aresult(self) -> RequestResult:
+        async for _ in self:
+            pass
+        return self.result(timeout=0)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        i = 0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: i < len(self._chunks) or self._result is not None)
+                if i < len(self._chunks):
+                    chunk = self._chunks[i]
+                else:
+                    err = self._result.error
+                    break
+            i += 1
+            yield chunk
+        if err is not None:
+            raise err
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Chunk]:
+        i = 0
+        while True:
+            ev = None
+            with self._cond:
+                if i < len(self._chunks):
+                    chunk = self._chunks[i]
+                elif self._result is not None:
+                    break
+                else:
+                    ev = asyncio.Event()
+                    self._waiters.append((asyncio.get_running_loop(), ev))
+            if ev is not None:
+                await ev.wait()
+                continue
+            i += 1
+            yield chunk
+        if self._result.error is not None:
+            raise self._result.error
+
+    def tokens(self) -> Iterator[int]:
+        """Generated token ids, one by one, as they are committed."""
+        for chunk in self:
+            yield from chunk.token_ids
+
+    def text(self) -> Iterator[str]:
+        """Text deltas as they are committed (needs the engine's tokenizer)."""
+        for chunk in self:
+            if chunk.text:
+                yield chunk.text
+
+
+# ----------------------------------------------------------------------------------- a request
+@dataclass
+class _Request:
+    id: int
+    handle: RequestHandle
+    prompt: list[int]
+    buf: torch.Tensor  # prompt, then generated tokens (capacity prompt + max_new + 1)
+    max_new: int
+    do_sample: bool
+    processing: Processing | None
+    eos: frozenset
+    stopping: StoppingCriteriaList | None
+    slo: SLO | None
+    arrival: float
+    reserve: int
+    n_gen: int = 0
+    t_first: float | None = None
+    t_last: float | None = None
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    text: str = ""
+    failed: BaseException | None = None
+    admitted: bool = False
+
+    @property
+    def n(self) -> int:
+        return len(self.prompt) + self.n_gen
+
+    @property
+    def deadline(self) -> float:
+        return self.arrival + (self.slo.ttft if self.slo else math.inf)
+
+
+@dataclass
+class ServingStepContext(StepContext):
+    """:class:`StepContext` plus each row's TPOT objective and how far it is behind its track."""
+
+    tpot: torch.Tensor | None = None  # (B,) seconds per token; inf = no TPOT objective
+    tokens_needed: torch.Tensor | None = None  # (B,) expected tokens this step must emit to stay on track
+    step_time: float = 0.0  # estimated seconds of this step
+
+
+def _cut_tokens(r: _Request, toks: list[int]) -> tuple[list[int], str | None]:
+    """Apply max_new / eos / stop criteria to tokens about to be committed."""
+    reason = None
+    room = r.max_new - r.n_gen
+    if len(toks) >= room:
+        toks, reason = toks[:room], "length"
+    if r.eos:
+        for k, t in enumerate(toks):
+            if t in r.eos:
+                toks, reason = toks[: k + 1], "eos"
+                break
+    if r.stopping:
+        base = r.buf[: r.n]
+        for k in range(len(toks)):
+            seq = torch.cat([base, torch.tensor(toks[: k + 1], dtype=torch.long, device=base.device)])[None]
+            if bool(torch.as_tensor(r.stopping(seq, None)).reshape(-1)[0]):
+                toks, reason = toks[: k + 1], "stop"
+                break
+    return toks, reason
+
+
+class _Rows(RowSource):
+    """The engine's running requests seen by :class:`SpecStep` (rows keyed by request id)."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self._cache: tuple[list[int], list[_Request]] | None = None
+        self.finish_reason: dict[int, str] = {}
+
+    def reqs(self, rid: torch.Tensor) -> list[_Request]:
+        ids = rid.tolist()
+        if self._cache is None or self._cache[0] != ids:
+            self._cache = (ids, [self.engine._running[i] for i in ids])
+        return self._cache[1]
+
+    def remaining(self, rid):
+        return torch.tensor([r.max_new - r.n_gen for r in self.reqs(rid)], dtype=torch.long, device=rid.device)
+
+    def committed(self, rid, start, width):
+        rows = []
+        for r, s in zip(self.reqs(rid), start.tolist()):
+            piece = r.buf[s: s + width]
+            if piece.shape[0] < width:
+                piece = torch.cat([piece, piece.new_zeros(width - piece.shape[0])])
+            rows.append(piece)
+        return torch.stack(rows).to(rid.device)
+
+    def token_at(self, rid, position):
+        return torch.stack([r.buf[p] for r, p in zip(self.reqs(rid), position.tolist())]).to(rid.device)
+
+    def prefix_fn(self, rid):
+        reqs = self.reqs(rid)
+
+        def prefix_of(rows: torch.Tensor, paths: torch.Tensor, depths: torch.Tensor | None = None):
+            dl = depths.tolist() if depths is not None else [paths.shape[1]] * len(rows)
+            res = []
+            for i, path, d in zip(rows.tolist(), paths, dl):
+                r = reqs[i]
+                res.append((i, torch.cat([r.buf[: r.n], path[:d].to(r.buf.device)])))
+            return res
+        return prefix_of
+
+    def process_fn(self, rid):
+        reqs = self.reqs(rid)
+        if all(r.processing is None for r in reqs):
+            return None
+        groups: dict[int, tuple[Processing, list[int]]] = {}
+        for i, r in enumerate(reqs):
+            if r.processing is not None:
+                groups.setdefault(id(r.processing), (r.processing, []))[1].append(i)
+
+        def process(scores: torch.Tensor, prefixes) -> torch.Tensor:
+            b = len(reqs)
+            k = scores.shape[0] // b
+            if k * b != scores.shape[0]:
+                raise RuntimeError("processor lines are not laid out row-major over the batch")
+            out = scores.clone()
+            items = None
+            for proc, rows in groups.values():
+                if proc.input_free:
+                    lines = torch.cat([torch.arange(i * k, (i + 1) * k) for i in rows]).to(scores.device)
+                    try:
+                        out[lines] = proc(scores[lines], list)
+                    except Exception as e:  # noqa: BLE001 - a request's processor fails that request only
+                        for i in rows:
+                            self._fail(reqs[i], e)
+                    continue
+                for i in rows:
+                    lines = torch.arange(i * k, (i + 1) * k, device=scores.device)
+                    try:
+                        if items is None:
+                            items = prefixes()
+                        mine = [(0, items[j][1]) for j in lines.tolist()]
+                        out[lines] = proc(scores[lines], lambda mine=mine: mine)
+                    except Exception as e:  # noqa: BLE001
+                        self._fail(reqs[i], e)
+            return out
+        return process
+
+    def _fail(self, r: _Request, e: BaseException) -> None:
+        if r.failed is None:
+            r.failed = e
+
+    def sampling(self, rid):
+        flags = [r.do_sample for r in self.reqs(rid)]
+        if all(flags) or not any(flags):
+            return bool(flags[0]) if flags else False
+        return torch.tensor(flags, dtype=torch.bool, device=rid.device)
+
+    def context(self, **kw):
+        eng = self.engine
+        now = time.perf_counter()
+        tau = eng._step_ema
+        tpot, need = [], []
+        for r in self.reqs(kw["row_ids"]):
+            t = r.slo.tpot if r.slo is not None else math.inf
+            tpot.append(t)
+            if math.isfinite(t) and r.t_first is not None:
+                need.append(1.0 + (now + tau - r.t_first) / t - r.n_gen)
+            else:
+                need.append(0.0)
+        dev = kw["context_len"].device
+        return ServingStepContext(**kw, tpot=torch.tensor(tpot, device=dev),
+                                  tokens_needed=torch.tensor(need, device=dev), step_time=tau)
+
+    def commit(self, rid, emitted, n_emit, scores, raw, source):
+        now = time.perf_counter()
+        done = []
+        em = emitted.tolist()
+        for r, toks, n in zip(self.reqs(rid), em, n_emit.tolist()):
+            if r.failed is not None:
+                done.append(True)
+                continue
+            try:
+                reason = self.engine._commit(r, toks[:n], now)
+            except Exception as e:  # noqa: BLE001 - e.g. a stopping criterion raised
+                self._fail(r, e)
+                reason = "error"
+            if reason is not None:
+                self.finish_reason[r.id] = reason
+            done.append(reason is not None)
+        return torch.tensor(done, dtype=torch.bool, device=rid.device)
+
+
+# ------------------------------------------------------------------------------------- planner
+class SLOPlanner(AdaptivePlanner):
+    """AdaServe's speculate -> select -> verify on top of :class:`AdaptivePlanner`'s goodput model.
+
+    Each step, a row with a TPOT objective that is behind its track (it needs more than the one token
+    a step always yields: ``tokens_needed = elapsed / tpot - produced`` at the end of the step) is
+    served first:
+
+    * Draft: such rows draft (at least) while their calibrated expected tokens fall short of the need
+      and one more level raises *their own* predicted token rate (expected tokens / step time).
+    * Select, phase 1: neediest row first, each gets the prefix of its nodes (by calibrated path
+      probability) that maximises its own token rate, up to the node that covers its need, within
+      ``token_budget`` nodes per step. Speculation that would slow a row down is never forced.
+    * Select, phase 2: the remaining nodes of all rows, best path probability first, while the
+      batch's predicted goodput (expected tokens / predicted step time) rises.
+
+    Rows without an SLO, or on track, are best effort at maximal goodput (plain AdaptivePlanner).
+    """
+
+    def __init__(self, latency, acceptance=None, *, tree: bool = False, max_depth: int = 12,
+                 max_children: int = 4, token_budget: int | None = None, min_node_value: float = 0.02, **kw):
+        super().__init__(latency, acceptance, tree=tree, max_depth=max_depth, max_children=max_children, **kw)
+        self.name = "slo-tree" if tree else "slo"
+        self.token_budget = token_budget
+        self.min_node_value = float(min_node_value)
+
+    def reset(self) -> None:
+        super().reset()
+        self._need: torch.Tensor | None = None
+        self.slo_nodes = 0  # nodes that phase 1 selected beyond phase 2's choice (statistics)
+        self.behind_rows = 0  # row-steps that were behind their TPOT track
+
+    def forget(self, row_id: int) -> None:
+        self.alpha.pop(row_id, None)
+
+    # ------------------------------------------------------------------------------ helpers
+    def _verify_at(self, q: int) -> float:
+        verify = self._step["verify"]
+        return float(verify[min(int(q), len(verify) - 1)])
+
+    def _spent(self) -> float:
+        st = self._step
+        return self.latency.overhead + self._draft_cost(st["rows"], 1, st["context"]) * (1 + st.get("draft_levels", 0))
+
+    def _best_prefix(self, values: list[float], have_val: float, have_n: int, width: int, spent: float) -> int:
+        """Nodes (a prefix of ``values``) maximising the row's own rate (1 + expected) / step time."""
+        best_k, best = 0, (1.0 + have_val) / (spent + self._verify_at(max(width, have_n)))
+        acc = have_val
+        for k, v in enumerate(values, 1):
+            acc += v
+            rate = (1.0 + acc) / (spent + self._verify_at(max(width, have_n + k)))
+            if rate > best:
+                best_k, best = k, rate
+        return best_k
+
+    # ----------------------------------------------------------------------------- decisions
+    def max_depth(self, ctx: StepContext) -> torch.Tensor:
+        depth = super().max_depth(ctx)
+        if len(self.chosen) > 4096:
+            del self.chosen[:-1024]
+        need = getattr(ctx, "tokens_needed", None)
+        self._need = None
+        if need is None:
+            return depth
+        extra = (need.float().cpu() - 1.0).clamp(min=0.0)
+        if not bool((extra > 0).any()):
+            return depth
+        # would drafting raise a behind row's own token rate at its running acceptance?
+        st = self._step
+        rows, context = st["rows"], st["context"]
+        alpha = np.asarray(st["alpha"], dtype=float)
+        ks = np.arange(1, self.cap + 1)
+        verify = np.asarray(st["verify"], dtype=float)
+        times = self.latency.overhead + ks * self._draft_cost(rows, 1, context) + verify[np.minimum(ks, len(verify) - 1)]
+        gains = np.cumsum(alpha[:, None] ** ks[None, :], axis=1)
+        pays = ((1.0 + gains) / times[None, :]).max(1) > 1.0 / (self.latency.overhead + verify[0])
+        behind = (extra > 0) & torch.as_tensor(pays)
+        self.behind_rows += int((extra > 0).sum())
+        if not bool(behind.any()):
+            return depth
+        self._need = torch.where(behind, extra, torch.zeros_like(extra))
+        return torch.where(behind.to(depth.device), torch.full_like(depth, self.cap), depth)
+
+    def _candidate_values(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c = ctx.cand_path_prob.shape
+        dev = ctx.cand_path_prob.device
+        tree = ctx.tree
+        node_path = self._calibrated_path(tree).to(dev)
+        ones = torch.ones(b, c, device=dev)
+        parent = ctx.cand_parent if ctx.cand_parent is not None else torch.full((b, c), -1, device=dev)
+        par_val = torch.where(parent >= 0, node_path.gather(1, parent.clamp(min=0)) if tree.width else ones, ones)
+        a = self.acceptance.predict(ctx.cand_prob.float(), torch.full_like(parent, ctx.level)).to(dev)
+        v = (par_val * a).masked_fill(ctx.cand_path_prob <= 0, 0.0)
+        v = torch.cummin(v, dim=1).values * (ctx.max_depth >= ctx.level)[:, None]
+        have = node_path.sum(1) if tree.width else torch.zeros(b, device=dev)
+        return v, have
+
+    def choose(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        levels_before = self._step.get("draft_levels", 0)
+        n_add, n_exp = super().choose(ctx)
+        if self._need is None:
+            return n_add, n_exp
+        st = self._step
+        st["draft_levels"] = levels_before  # re-decided below with the SLO rows included
+        v, have = self._candidate_values(ctx)
+        need = self._need.to(v.device)
+        have_n = ctx.tree.valid.sum(1) if ctx.tree.width else torch.zeros_like(n_add)
+        short = need - have
+        spent = self._spent()
+        width = int((have_n + n_add).max())
+        e = min(self.max_children, v.shape[1]) if self.tree else 1
+        alpha = st["alpha"]
+        n_add, n_exp = n_add.clone(), n_exp.clone()
+        for r in torch.argsort(short, descending=True).tolist():
+            if short[r] <= 0:
+                break
+            vals = v[r].tolist()
+            useful, acc = [], 0.0
+            for x in vals:  # candidates up to (and including) the one that covers the need
+                if x < self.min_node_value or acc >= float(short[r]):
+                    break
+                useful.append(x)
+                acc += x
+            k = max(self._best_prefix(useful, float(have[r]), int(have_n[r]), width, spent), int(n_add[r]))
+            n_add[r] = k
+            width = max(width, int(have_n[r]) + k)
+            got = float(have[r]) + sum(vals[:k])
+            if k and got < float(need[r]) and int(ctx.max_depth[r]) > ctx.level:
+                child = max(vals[: min(k, e)]) * float(alpha[r])
+                now = (1.0 + got) / (spent + self._verify_at(width))
+                more = (1.0 + got + child) / (spent + self._draft_cost(st["rows"], e, st["context"])
+                                              + self._verify_at(max(width, int(have_n[r]) + k + 1)))
+                if more > now:
+                    n_exp[r] = max(int(n_exp[r]), min(k, e))
+        n_exp = torch.minimum(n_exp, n_add)
+        if bool((n_exp > 0).any()):
+            st["draft_levels"] = levels_before + 1
+        return n_add, n_exp
+
+    def select(self, tree: DraftTree, ctx: StepContext) -> torch.Tensor:
+        if tree.width == 0 or not self._step:
+            return tree.valid
+        b, n = tree.tokens.shape
+        dev = tree.tokens.device
+        path = self._calibrated_path(tree).to(dev).masked_fill(~tree.valid, 0.0)
+        order = torch.argsort(-path, dim=1, stable=True)  # ties: parents (lower index) first
+        sv = path.gather(1, order)
+        svalid = tree.valid.gather(1, order)
+        cum = torch.cumsum(sv, dim=1)
+        budget = self.token_budget if self.token_budget is not None else b * n
+        spent = self._spent()
+        # phase 1: SLO rows behind their track, neediest first, as many nodes as raise their own rate
+        forced = torch.zeros(b, dtype=torch.long, device=dev)
+        if self._need is not None:
+            need = self._need.to(dev)
+            used, width = 0, 0
+            for r in torch.argsort(need, descending=True).tolist():
+                if need[r] <= 0 or used >= budget:
+                    break
+                vals, acc = [], 0.0
+                for x, ok in zip(sv[r].tolist(), svalid[r].tolist()):
+                    if not ok or x < self.min_node_value or acc >= float(need[r]) or used + len(vals) >= budget:
+                        break
+                    vals.append(x)
+                    acc += x
+                k = self._best_prefix(vals, 0.0, 0, width, spent)
+                forced[r] = k
+                used += k
+                width = max(width, k)
+        # phase 2: every remaining node across the batch, best first, while goodput rises
+        ar = torch.arange(n, device=dev)[None, :]
+        rest = svalid & (ar >= forced[:, None]) & (sv > 0)
+        flat = torch.where(rest, sv, torch.zeros_like(sv)).reshape(-1)
+        k_rest = min(int(rest.sum()), max(budget - int(forced.sum()), 0))
+        top = torch.argsort(flat, descending=True, stable=True)[:k_rest]
+        onehot = torch.zeros(k_rest + 1, b, device=dev)
+        if k_rest:
+            onehot[1:] = torch.nn.functional.one_hot(top // n, b).float()
+        counts = torch.cumsum(onehot, 0) + forced[None, :].float()
+        verify = torch.as_tensor(self._step["verify"], dtype=torch.float32, device=dev)
+        q_idx = counts.max(1).values.long().clamp(max=len(verify) - 1)
+        base = float(b) + float(torch.where(forced > 0, cum.gather(1, (forced - 1).clamp(min=0)[:, None])[:, 0],
+                                            torch.zeros(b, device=dev)).sum())
+        tokens = base + torch.cat([torch.zeros(1, device=dev), torch.cumsum(flat[top], 0)])
+        times = spent + verify[q_idx]
+        best = int(torch.argmax(tokens / times))
+        self.last_predicted_time = float(times[best])
+        extra = onehot[1: best + 1].sum(0).long() if best else torch.zeros_like(forced)
+        take = forced + extra
+        if self._need is not None:
+            # statistics: nodes phase 1 kept that phase 2 alone would not have taken
+            alone = self._phase2_only(sv, svalid, spent, verify, b, n, budget)
+            self.slo_nodes += int((take - alone).clamp(min=0).sum())
+        keep_sorted = ar < take[:, None]
+        keep = torch.zeros_like(tree.valid)
+        keep.scatter_(1, order, keep_sorted & svalid)
+        anc = tree.ancestors()  # close under ancestors (ties in path value could orphan a node)
+        return (anc & keep[:, :, None]).any(1) & tree.valid
+
+    @staticmethod
+    def _phase2_only(sv, svalid, spent, verify, b, n, budget) -> torch.Tensor:
+        rest = svalid & (sv > 0)
+        flat = torch.where(rest, sv, torch.zeros_like(sv)).reshape(-1)
+        k = min(int(rest.sum()), budget)
+        top = torch.argsort(flat, descending=True, stable=True)[:k]
+        onehot = torch.zeros(k + 1, b, device=sv.device)
+        if k:
+            onehot[1:] = torch.nn.functional.one_hot(top // n, b).float()
+        counts = torch.cumsum(onehot, 0)
+        q_idx = counts.max(1).values.long().clamp(max=len(verify) - 1)
+        tokens = float(b) + torch.cat([torch.zeros(1, device=sv.device), torch.cumsum(flat[top], 0)])
+        best = int(torch.argmax(tokens / (spent + verify[q_idx])))
+        return onehot[1: best + 1].sum(0).long() if best else torch.zeros(b, dtype=torch.long, device=sv.device)
+
+
+def make_engine_policy(policy: "str | DraftPolicy", target, draft) -> DraftPolicy:
+    """A policy by name: ``"slo"`` / ``"slo-tree"`` (:class:`SLOPlanner`) or any registry name."""
+    if isinstance(policy, DraftPolicy):
+        return policy
+    name = str(policy).strip().lower()
+    if name in ("slo", "slo-tree"):
+        from .planner import planner_state
+
+        latency, acceptance = planner_state(target, draft)
+        return SLOPlanner(latency, acceptance, tree=name == "slo-tree")
+    from .registry import make_policy
+
+    return make_policy(name, target, draft)
+
+
+def _forget(policy: DraftPolicy, row_id: int) -> None:
+    """Drop per-request state a policy keeps by row id (long-running engines)."""
+    if hasattr(policy, "forget"):
+        policy.forget(row_id)
+    elif isinstance(policy, AdaptivePlanner) and not isinstance(policy, SmartSpec):
+        policy.alpha.pop(row_id, None)
+    elif isinstance(policy, Heuristic):
+        policy.k.pop(row_id, None)
+    chosen = getattr(policy, "chosen", None)
+    if isinstance(chosen, list) and len(chosen) > 4096:
+        del chosen[:-1024]
+
+
+def _max_positions(model: PreTrainedModel) -> int | None:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
+                  "no_repeat_ngram_size", "min_new_tokens", "suppress_tokens", "bad_words_ids")
+
+
+# -------------------------------------------------------------------------------------- engine
+class Engine:
+    """Continuous-batching speculative engine with per-request SLOs; see the module docstring.
+
+    ``policy``: a name (``"slo"`` default: :class:`SLOPlanner`; ``"adaptive"``, ``"smartspec"``,
+    ``"static-K"``, ...) or a :class:`~adaspec_hf.policies.DraftPolicy`. ``max_rows``: requests in
+    the running batch at once. ``max_cached_tokens``: bound on the sum over running requests of
+    prompt + max_new_tokens (a request that alone exceeds it is refused). ``seed``: sampling RNG.
+    """
+
+    def __init__(self, target: PreTrainedModel, draft: PreTrainedModel, tokenizer=None,
+                 policy: "str | DraftPolicy" = "slo", *, max_rows: int = 8, max_cached_tokens: int | None = None,
+                 compaction_threshold: float = 0.5, seed: int | None = None, start: bool = True):
+        check_cache_support(target)
+        check_cache_support(draft)
+        from .hf import check_vocab
+
+        check_vocab(target, draft)
+        if not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+        if max_cached_tokens is not None and (not isinstance(max_cached_tokens, int) or max_cached_tokens < 2):
+            raise ValueError(f"max_cached_tokens must be an integer >= 2 or None, got {max_cached_tokens!r}")
+        self.target, self.draft, self.tokenizer = target, draft, tokenizer
+        self.policy = make_engine_policy(policy, target, draft)
+        self.policy.reset()
+        self.max_rows, self.max_cached_tokens = max_rows, max_cached_tokens
+        self.compaction_threshold = compaction_threshold
+        self.device = target.device
+        self.vocab_size = int(target.config.vocab_size)
+        limits = [m for m in (_max_positions(target), _max_positions(draft)) if m]
+        self.max_positions = min(limits) if limits else None
+        self.generator = torch.Generator(device=self.device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(seed))
+        self.stats = GenerationStats(policy=getattr(self.policy, "name", type(self.policy).__name__))
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._incoming: list[_Request] = []
+        self._queue: list[tuple[float, float, int, _Request]] = []  # EDF heap of admitted-to-be
+        self._running: dict[int, _Request] = {}
+        self._reserved = 0
+        self._closing = False
+        self._abort = False
+        self._dead: BaseException | None = None
+        self._batch = RowBatch(target, draft)
+        self._rows = _Rows(self)
+        self._stepper = SpecStep(self.policy, draft_sampling=False, generator=self.generator)
+        self._step_no = 0
+        self._step_ema = 0.0
+        self._prefill_rate: float | None = None  # seconds per prompt token (EMA of observed prefills)
+        self._proc_cache: dict[tuple, Processing | None] = {}
+        self._thread = threading.Thread(target=self._loop, name="adaspec-engine", daemon=True)
+        if start:
+            self._thread.start()
+
+    # ------------------------------------------------------------------------------ public API
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(drain=exc_type is None)
+
+    def submit(
+        self,
+        prompt: "str | Sequence[int] | torch.Tensor",
+        max_new_tokens: int = 64,
+        *,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        eos_token_id: "int | list[int] | None" = None,
+        stop: "str | list[str] | None" = None,
+        slo: "SLO | dict | None" = None,
+        logits_processor: LogitsProcessorList | None = None,
+        generation_config: GenerationConfig | None = None,
+        **generation_kwargs: Any,
+    ) -> RequestHandle:
+        """Queue a request. Invalid arguments raise here (``ValueError``) and affect nothing else.
+
+        ``eos_token_id=None`` uses the target's generation config (``[]`` disables EOS);
+        ``stop``: stop strings (need a tokenizer); other sampling arguments are those of HF
+        ``generate`` and build the same logits processors it would.
+        """
+        if self._dead is not None:
+            raise EngineClosed(f"the engine's step loop stopped: {self._dead!r}")
+        if self._closing:
+            raise EngineClosed("the engine is closed")
+        ids = self._prompt_ids(prompt)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if self.max_positions is not None and len(ids) + max_new_tokens > self.max_positions:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the models' "
+                f"maximum of {self.max_positions} positions")
+        reserve = len(ids) + max_new_tokens
+        if self.max_cached_tokens is not None and reserve > self.max_cached_tokens:
+            raise ValueError(f"the request needs {reserve} cached tokens (prompt + max_new_tokens); this "
+                             f"engine allows {self.max_cached_tokens} (max_cached_tokens)")
+        slo = SLO.coerce(slo)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+        sampling.update(generation_kwargs)
+        processing, do_sample, eos = self._processing(ids, max_new_tokens, bool(do_sample), sampling, eos_token_id,
+                                                      logits_processor, generation_config)
+        stopping = self._stopping(stop)
+        rid = next(self._ids)
+        handle = RequestHandle(self, rid)
+        buf = torch.zeros(len(ids) + max_new_tokens + 1, dtype=torch.long, device=self.device)
+        buf[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+        req = _Request(id=rid, handle=handle, prompt=ids, buf=buf, max_new=max_new_tokens, do_sample=do_sample,
+                       processing=processing, eos=eos, stopping=stopping, slo=slo, arrival=time.perf_counter(),
+                       reserve=reserve)
+        with self._lock:
+            if self._closing or self._dead is not None:
+                raise EngineClosed("the engine is closed")
+            self._incoming.append(req)
+            self._wake.notify_all()
+        return handle
+
+    def generate(self, prompt, max_new_tokens: int = 64, **kwargs) -> RequestResult:
+        """Submit and wait (convenience)."""
+        return self.submit(prompt, max_new_tokens, **kwargs).result()
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting requests; ``drain=True`` finishes queued and running ones, ``False`` cancels
+        them. Waits for the step loop to end (at most ``timeout`` seconds)."""
+        with self._lock:
+            self._closing = True
+            if not drain:
+                self._abort = True
+            self._wake.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        elif not self._thread.is_alive() and not self._thread.ident:
+            self._shutdown_unstarted()
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing and not self._thread.is_alive()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._incoming) + len(self._queue)
+
+    # ------------------------------------------------------------------------- validation
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs Engine(..., tokenizer=...); or pass token ids")
+            ids = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() == 2 and prompt.shape[0] == 1:
+                prompt = prompt[0]
+            if prompt.dim() != 1:
+                raise ValueError(f"a tensor prompt must be 1-D (or (1, L)), got shape {tuple(prompt.shape)}")
+            ids = prompt.tolist()
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+        else:
+            raise ValueError(f"prompt must be text, a list of token ids or a tensor, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("empty prompt: at least one token is needed")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError("prompt token ids must be integers")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        return ids
+
+    def _processing(self, ids, max_new, do_sample, sampling, eos_token_id, logits_processor, generation_config):
+        t = sampling.get("temperature")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
+        k = sampling.get("top_k")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ValueError(f"top_k must be an integer >= 0, got {k!r}")
+        p = sampling.get("top_p")
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+        rp = sampling.get("repetition_penalty")
+        if rp is not None and (isinstance(rp, bool) or not isinstance(rp, (int, float)) or not math.isfinite(rp)
+                               or rp <= 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {rp!r}")
+        unknown = set(sampling) - set(_SAMPLING_KEYS)
+        if unknown:
+            raise ValueError(f"unsupported generation arguments {sorted(unknown)}")
+        kwargs = {k: v for k, v in sampling.items() if v is not None}
+        try:
+            gc, model_kwargs = self.target._prepare_generation_config(
+                generation_config, do_sample=do_sample, max_new_tokens=max_new, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"invalid generation arguments: {e}") from e
+        if eos_token_id is not None:
+            gc.eos_token_id = eos_token_id if eos_token_id != [] else None
+        eos_val = gc.eos_token_id
+        eos_list = [] if eos_val is None else ([eos_val] if isinstance(eos_val, int) else list(eos_val))
+        if not all(isinstance(e, int) and 0 <= e < self.vocab_size for e in eos_list):
+            raise ValueError(f"eos_token_id must be token ids in [0, {self.vocab_size}), got {eos_val!r}")
+        if (gc.num_beams or 1) != 1 or (gc.num_return_sequences or 1) != 1:
+            raise ValueError("the engine does not support beam search or several sequences per request")
+        do_sample = bool(gc.do_sample)
+        key = None
+        if logits_processor is None:
+            key = (do_sample, gc.temperature, gc.top_k, gc.top_p, gc.min_p, gc.typical_p, gc.repetition_penalty,
+                   gc.no_repeat_ngram_size, gc.min_new_tokens, gc.min_length, str(gc.suppress_tokens),
+                   str(gc.bad_words_ids), tuple(eos_list))
+            if key in self._proc_cache:
+                return self._proc_cache[key], do_sample, frozenset(eos_list)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        try:
+            gc.max_length = len(ids) + max_new
+            procs = self.target._get_logits_processor(
+                generation_config=gc, input_ids_seq_length=len(ids), encoder_input_ids=input_ids,
+                prefix_allowed_tokens_fn=None, logits_processor=logits_processor, device=self.device,
+                model_kwargs=model_kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"invalid generation arguments: {e}") from e
+        proc = Processing(procs, batch_size=1) if len(procs) else None
+        if key is not None and (proc is None or proc.input_free):
+            self._proc_cache[key] = proc  # stateless: shared by requests with the same settings
+        return proc, do_sample, frozenset(eos_list)
+
+    def _stopping(self, stop) -> StoppingCriteriaList | None:
+        if stop is None or stop == []:
+            return None
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        if self.tokenizer is None:
+            raise ValueError("stop strings need Engine(..., tokenizer=...)")
+        return StoppingCriteriaList([StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stop))])
+
+    # ---------------------------------------------------------------------------- step loop
+    def _poke(self) -> None:
+        with self._lock:
+            self._wake.notify_all()
+
+    def _loop(self) -> None:
+        try:
+            with torch.no_grad():
+                while True:
+                    with self._lock:
+                        incoming, self._incoming = self._incoming, []
+                        abort, closing = self._abort, self._closing
+                    for r in incoming:
+                        heapq.heappush(self._queue, (self._priority(r), r.arrival, r.id, r))
+                    if abort:
+                        self._cancel_all()
+                        return
+                    self._reap_cancelled()
+                    self._admit()
+                    if self._batch.rows == 0:
+                        with self._lock:
+                            if self._incoming or self._abort:
+                                continue
+                            if self._queue:
+                                continue
+                            if self._closing:
+                                return
+                            self._wake.wait(timeout=0.1)
+                        continue
+                    self._step()
+        except BaseException as e:  # noqa: BLE001 - fail everything clearly, never hang callers
+            logger.exception("adaspec engine loop died")
+            self._dead = e
+            self._fail_all(e)
+
+    def _priority(self, r: _Request) -> float:
+        """Latest start time that still meets the TTFT deadline (deadline - predicted prefill)."""
+        return r.deadline - self._predict_prefill(len(r.prompt))
+
+    def _predict_prefill(self, n_tokens: int) -> float:
+        if self._prefill_rate is not None:
+            return self._prefill_rate * n_tokens
+        lat = getattr(self.policy, "latency", None)
+        if lat is not None:
+            try:
+                return float(lat.target_time(1, n_tokens, 0) + lat.draft_time(1, n_tokens, 0))
+            except Exception:  # noqa: BLE001 - a prediction is only a hint
+                return 0.0
+        return 0.0
+
+    def _min_slack(self, now: float) -> float:
+        """Seconds the most pressed running SLO request can wait beyond the next step."""
+        slack = math.inf
+        for r in self._running.values():
+            if r.slo is not None and r.slo.tpot_ms is not None and r.t_first is not None:
+                due = r.t_first + r.n_gen * r.slo.tpot
+                slack = min(slack, due - now - self._step_ema)
+        return slack
+
+    def _admit(self) -> None:
+        admitted = 0
+        slack = None
+        while self._queue and self._batch.rows < self.max_rows:
+            _, _, _, r = self._queue[0]
+            if r.handle._cancel:
+                heapq.heappop(self._queue)
+                self._finish(r, "cancelled")
+                continue
+            if self.max_cached_tokens is not None and self._reserved + r.reserve > self.max_cached_tokens:
+                break
+            if admitted:
+                now = time.perf_counter()
+                cost = self._predict_prefill(len(r.prompt))
+                if slack is None:
+                    slack = self._min_slack(now)
+                urgent = r.deadline - now <= cost + 2 * self._step_ema
+                if not urgent and slack < cost:
+                    break
+                slack -= cost
+            heapq.heappop(self._queue)
+            self._prefill(r)
+            admitted += 1
+
+    def _prefill(self, r: _Request) -> None:
+        t0 = time.perf_counter()
+        try:
+            ids = r.buf[: len(r.prompt)][None]
+            rb = RowBatch(self.target, self.draft)
+            logits = rb.prefill(ids, torch.ones_like(ids), torch.tensor([r.id], device=self.device))
+            scores = logits
+            if r.processing is not None:
+                scores = r.processing(logits, lambda: [(0, ids[0])])
+            if r.do_sample:
+                first = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=self.generator)[0, 0])
+            else:
+                first = int(scores.argmax(-1)[0])
+            now = time.perf_counter()
+            rate = (now - t0) / len(r.prompt)
+            self._prefill_rate = rate if self._prefill_rate is None else 0.8 * self._prefill_rate + 0.2 * rate
+            reason = self._commit(r, [first], now)
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            r.failed = e
+            self._finish(r, "error")
+            return
+        if reason is not None:
+            self._finish(r, reason)
+            return
+        r.admitted = True
+        self._reserved += r.reserve
+        self._running[r.id] = r
+        if self._batch.rows == 0:
+            self._batch = rb
+        else:
+            self._batch.extend(rb)
+
+    def _commit(self, r: _Request, toks: list[int], now: float) -> str | None:
+        toks, reason = _cut_tokens(r, toks)
+        if toks:
+            r.buf[r.n: r.n + len(toks)] = torch.tensor(toks, dtype=torch.long)
+            r.n_gen += len(toks)
+            self.stats.new_tokens += len(toks)
+            if r.t_first is None:
+                r.t_first = now
+            r.t_last = now
+            delta = ""
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode(r.buf[len(r.prompt): r.n].tolist(), skip_special_tokens=True)
+                if not text.endswith("\ufffd") or reason is not None:
+                    delta = text[len(r.text):] if text.startswith(r.text) else text
+                    r.text = text
+            r.handle._push(Chunk(toks, delta, now))
+        return reason
+
+    def _step(self) -> None:
+        batch, rows = self._batch, self._rows
+        rid_list = batch.rid.tolist()
+        self._step_no += 1
+        rows.finish_reason = {}
+        try:
+            finished, record = self._stepper(batch, rows, self._step_no)
+        except Exception as e:  # noqa: BLE001 - a failed forward takes down the batch, not the engine
+            logger.exception("adaspec engine step failed; failing the %d running requests", len(rid_list))
+            for i in rid_list:
+                r = self._running.get(i)
+                if r is not None:
+                    r.failed = r.failed or e
+                    self._finish(r, "error")
+            self._batch = RowBatch(self.target, self.draft)
+            return
+        self._step_ema = record.step_time if self._step_ema == 0 else 0.8 * self._step_ema + 0.2 * record.step_time
+        self.stats.steps.append(record)
+        if len(self.stats.steps) > 100_000:
+            del self.stats.steps[:50_000]
+        for rq, d, a in zip(rid_list, record.drafted, record.accepted):
+            r = self._running[rq]
+            r.drafted += d
+            r.accepted += a
+            r.steps += 1
+        keep = []
+        fin = finished.tolist()
+        for i, rq in enumerate(rid_list):
+            r = self._running[rq]
+            if r.failed is not None:
+                self._finish(r, "error")
+            elif fin[i]:
+                self._finish(r, rows.finish_reason.get(rq, "length"))
+            else:
+                keep.append(i)
+        self._keep_rows(keep)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        if len(keep) == self._batch.rows:
+            self._batch.maybe_compact(self.compaction_threshold)
+            return
+        if not keep:
+            self._batch = RowBatch(self.target, self.draft)
+            return
+        self._batch.keep(torch.tensor(keep, dtype=torch.long, device=self.device))
+        self._batch.maybe_compact(self.compaction_threshold)
+
+    def _reap_cancelled(self) -> None:
+        if not self._running:
+            return
+        gone = [r for r in self._running.values() if r.handle._cancel]
+        if not gone:
+            return
+        for r in gone:
+            self._finish(r, "cancelled")
+        ids = self._batch.rid.tolist()
+        self._keep_rows([i for i, rq in enumerate(ids) if rq in self._running])
+
+    def _finish(self, r: _Request, reason: str) -> None:
+        if self._running.pop(r.id, None) is not None:
+            self._reserved -= r.reserve
+        _forget(self.policy, r.id)
+        if reason == "error" and r.failed is None:
+            r.failed = RuntimeError("request failed")
+        ttft = r.t_first - r.arrival if r.t_first is not None else None
+        tpot = (r.t_last - r.t_first) / (r.n_gen - 1) if r.n_gen > 1 else None
+        latency = r.t_last - r.arrival if r.t_last is not None else None
+        met = None
+        if r.slo is not None:
+            met = reason in ("eos", "length", "stop") and r.slo.met(ttft, tpot)
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(r.buf[len(r.prompt): r.n].tolist(), skip_special_tokens=True)
+        res = RequestResult(
+            request_id=r.id, prompt_ids=list(r.prompt), token_ids=r.buf[len(r.prompt): r.n].tolist(), text=text,
+            finish_reason=reason, arrival=r.arrival, ttft=ttft, tpot=tpot, latency=latency,
+            drafted_tokens=r.drafted, accepted_tokens=r.accepted, steps=r.steps, slo=r.slo, slo_met=met,
+            error=r.failed if reason == "error" else None, first_token_at=r.t_first, last_token_at=r.t_last,
+        )
+        r.handle._finish(res)
+
+    def _cancel_all(self) -> None:
+        for _, _, _, r in self._queue:
+            self._finish(r, "cancelled")
+        self._queue = []
+        for r in list(self._running.values()):
+            self._finish(r, "cancelled")
+        self._batch = RowBatch(self.target, self.draft)
+        with self._lock:
+            late, self._incoming = self._incoming, []
+        for r in late:
+            self._finish(r, "cancelled")
+
+    def _fail_all(self, e: BaseException) -> None:
+        with self._lock:
+            late, self._incoming = self._incoming, []
+            self._closing = True
+        for r in [q[3] for q in self._queue] + list(self._running.values()) + late:
+            r.failed = r.failed or e
+            self._finish(r, "error")
+        self._queue = []
+
+    def _shutdown_unstarted(self) -> None:
+        """close() on an engine whose loop never started: resolve every handle."""
+        with self._lock:
+            late, self._incoming = self._incoming, []
+        for r in late:
+            self._finish(r, "cancelled")

@@ -1,0 +1,410 @@
+"""Serving benchmark: replay seeded workloads against the engine, systems side by side, one run.
+
+For each request rate and each system (a draft policy in the same :class:`~adaspec_hf.serving.Engine`)
+the same workload is replayed in real time: requests are submitted at their arrival times, each
+with its SLO class; TTFT / TPOT percentiles, SLO attainment, goodput and throughput come from the
+`evaluate` metric module :mod:`adaspec_hf.metrics` (``serving_metrics``).
+
+SLO classes are set from the machine: the single-request vanilla per-token latency (HF
+``target.generate``, greedy) measured at start; ``tight`` TPOT = 1.2x and ``loose`` = 3x of it by
+default, TTFT = ``ttft_scale`` x the vanilla single-request TTFT. With ``--rates auto`` the rates are
+multiples of the rate one vanilla request-at-a-time server sustains.
+
+Systems: ``static-0`` (no speculation), ``static-K``, ``smartspec``, ``adaptive`` (goodput planner,
+no SLO phase), ``slo`` (goodput planner with AdaServe's SLO phase); also ``adaptive-tree``/``slo-tree``.
+Each system gets fresh latency corrections and acceptance calibration and a short unmeasured warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .metrics import compute_serving_metrics
+from .workload import SLOClass, Workload, make_workload
+
+logger = logging.getLogger("adaspec_hf")
+
+RESULTS_DIR = Path("benchmarks") / "results"
+DEFAULT_SYSTEMS = ("static-0", "static-4", "smartspec", "adaptive", "slo")
+
+
+# ------------------------------------------------------------------------------------ calibration
+@dataclass
+class Calibration:
+    per_token_s: float  # vanilla single-request decode latency per token
+    ttft_s: float  # vanilla single-request time to first token (prefill + 1 token)
+    request_s: float  # vanilla single-request time for a mean-length request
+    prompt_tokens: float
+    output_tokens: float
+
+
+def calibrate(target, prompts: Sequence[Sequence[int]], output_tokens: float, *, n_prompts: int = 3,
+              new_tokens: int = 32, repeats: int = 3) -> Calibration:
+    """Median single-request latencies of plain greedy ``target.generate`` on this machine."""
+    from transformers import GenerationConfig
+
+    gen = getattr(target, "_adaspec_original_generate", None) or target.generate
+    pad = target.generation_config.pad_token_id
+    pad = pad if pad is not None else 0
+    per_tok, ttft = [], []
+    sample = [list(p) for p in prompts[:n_prompts]]
+    with torch.no_grad():
+        for rep in range(repeats + 1):
+            for p in sample:
+                ids = torch.tensor([p], device=target.device)
+                mask = torch.ones_like(ids)
+                times = []
+                for n in (1, new_tokens):
+                    cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad,
+                                           eos_token_id=None)
+                    t0 = time.perf_counter()
+                    gen(input_ids=ids, attention_mask=mask, generation_config=cfg)
+                    times.append(time.perf_counter() - t0)
+                if rep:  # the first round warms up
+                    ttft.append(times[0])
+                    per_tok.append((times[1] - times[0]) / (new_tokens - 1))
+    pt, tf = statistics.median(per_tok), statistics.median(ttft)
+    mean_prompt = statistics.fmean(len(p) for p in prompts)
+    return Calibration(per_token_s=pt, ttft_s=tf, request_s=tf + pt * max(output_tokens - 1, 0),
+                       prompt_tokens=mean_prompt, output_tokens=output_tokens)
+
+
+def slo_classes(cal: Calibration, *, tight: float = 1.2, loose: float = 3.0, tight_fraction: float = 0.5,
+                ttft_scale: float = 10.0) -> list[SLOClass]:
+    ttft_ms = ttft_scale * cal.ttft_s * 1000.0
+    return [SLOClass("tight", tpot_ms=tight * cal.per_token_s * 1000.0, ttft_ms=ttft_ms, weight=tight_fraction),
+            SLOClass("loose", tpot_ms=loose * cal.per_token_s * 1000.0, ttft_ms=ttft_ms, weight=1 - tight_fraction)]
+
+
+# -------------------------------------------------------------------------------------- systems
+def make_system_policy(name: str, target, draft):
+    """A fresh policy per system: its own latency corrections and acceptance calibration (the
+    profiled latency grid is shared, measured once per pair)."""
+    from .acceptance import AcceptanceModel
+    from .latency import LatencyModel
+    from .planner import AdaptivePlanner, SmartSpec, planner_state
+    from .registry import make_policy
+    from .serving import SLOPlanner
+
+    key = name.strip().lower()
+    planners = {"smartspec": lambda lat, acc: SmartSpec(lat, acc),
+                "adaptive": lambda lat, acc: AdaptivePlanner(lat, acc),
+                "adaptive-tree": lambda lat, acc: AdaptivePlanner(lat, acc, tree=True),
+                "slo": lambda lat, acc: SLOPlanner(lat, acc),
+                "slo-tree": lambda lat, acc: SLOPlanner(lat, acc, tree=True)}
+    if key in planners:
+        base, _ = planner_state(target, draft)
+        return planners[key](LatencyModel(base.profile), AcceptanceModel())
+    return make_policy(key, target, draft)
+
+
+def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max_rows: int = 8,
+               warmup: int = 4, drain_timeout: float = 15.0, seed: int = 0, policy=None) -> dict:
+    """Replay ``workload`` in real time on a fresh engine; return metrics and per-request records."""
+    from .serving import Engine
+
+    policy = policy if policy is not None else make_system_policy(system, target, draft)
+    engine = Engine(target, draft, tokenizer, policy, max_rows=max_rows, seed=seed)
+    try:
+        warm = [engine.submit(r.prompt_ids, max_new_tokens=min(16, r.max_new_tokens))
+                for r in workload.requests[:warmup]]
+        for h in warm:
+            h.result()
+        n_steps0 = len(engine.stats.steps)
+        handles = []
+        t0 = time.perf_counter()
+        for r in workload.requests:
+            delay = t0 + r.arrival - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            handles.append((r, engine.submit(r.prompt_ids, max_new_tokens=r.max_new_tokens, slo=r.slo)))
+        deadline = t0 + workload.duration + drain_timeout
+        for _, h in handles:
+            try:
+                h.result(timeout=max(deadline - time.perf_counter(), 0.0))
+            except TimeoutError:
+                pass
+    finally:
+        engine.close(drain=False)
+    steps = engine.stats.steps[n_steps0:] if len(engine.stats.steps) >= n_steps0 else engine.stats.steps
+    records, ttft, tpot, new, met = [], [], [], [], []
+    last = t0
+    for r, h in handles:
+        res = h._wait(0)
+        finished = res.finish_reason in ("eos", "length", "stop")
+        ok = bool(finished and (res.slo_met if res.slo is not None else True))
+        ttft.append(res.ttft)
+        tpot.append(res.tpot)
+        new.append(len(res.token_ids))
+        met.append(ok)
+        if res.last_token_at is not None:
+            last = max(last, res.last_token_at)
+        rec = res.to_dict()
+        rec.update(slo_class=r.slo_class, arrival=r.arrival, max_new_tokens=r.max_new_tokens, met=ok)
+        records.append(rec)
+    start = t0 + (workload.requests[0].arrival if workload.requests else 0.0)
+    duration = max(last - start, 1e-6)
+    metrics = compute_serving_metrics(ttft, tpot, new, met, duration)
+    by_class = {}
+    for c in dict.fromkeys(rec["slo_class"] for rec in records):
+        sel = [rec["met"] for rec in records if rec["slo_class"] == c]
+        by_class[c] = sum(sel) / len(sel)
+    rows = sum(s.rows for s in steps)
+    out = {
+        "system": system, "policy": getattr(policy, "name", system), "rate": workload.rate, **metrics,
+        "attainment_by_class": by_class,
+        "finished": sum(rec["finish_reason"] in ("eos", "length", "stop") for rec in records),
+        "duration_s": duration, "steps": len(steps),
+        "mean_rows": rows / max(len(steps), 1),
+        "accepted_per_step": sum(sum(s.accepted) for s in steps) / max(rows, 1),
+        "drafted_per_step": sum(sum(s.drafted) for s in steps) / max(rows, 1),
+        "slo_nodes": getattr(policy, "slo_nodes", None),
+    }
+    return {"metrics": out, "requests": records}
+
+
+# --------------------------------------------------------------------------------------- results
+@dataclass
+class ServingBenchResult:
+    name: str
+    config: dict
+    rows: list[dict] = field(default_factory=list)
+    requests: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "config": self.config, "rows": self.rows, "requests": self.requests}
+
+    def table(self) -> str:
+        head = ("| rate (req/s) | system | SLO attainment | tight | loose | goodput (tok/s) | throughput (tok/s) "
+                "| TTFT p50/p99 (ms) | TPOT p50/p99 (ms) | accepted/step | finished |")
+        lines = [head, "|" + "---|" * 11]
+
+        def f(x, fmt=".1f"):
+            return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+        for r in self.rows:
+            bc = r.get("attainment_by_class", {})
+            lines.append(
+                f"| {r['rate']:.2f} | {r['system']} | {f(r['slo_attainment'], '.2f')} | {f(bc.get('tight'), '.2f')} "
+                f"| {f(bc.get('loose'), '.2f')} | {f(r['goodput'])} | {f(r['throughput'])} "
+                f"| {f(r['ttft_p50'], '.0f')}/{f(r['ttft_p99'], '.0f')} | {f(r['tpot_p50'])}/{f(r['tpot_p99'])} "
+                f"| {f(r['accepted_per_step'], '.2f')} | {r['finished']}/{r['requests']} |")
+        return "\n".join(lines)
+
+
+def write_serving_results(result: ServingBenchResult, out_dir: Path | str = RESULTS_DIR, plot: bool = True
+                          ) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{result.name}.json", "md": out_dir / f"{result.name}.md"}
+    paths["json"].write_text(json.dumps(result.to_json(), indent=2, default=str))
+    cfg = result.config
+    notes = [f"- {k}: {cfg[k]}" for k in ("command", "machine", "load", "calibration", "slo_classes", "workload")
+             if k in cfg]
+    paths["md"].write_text(f"# {result.name}\n\n{result.table()}\n\n" + "\n".join(notes) + "\n")
+    rates = sorted({r["rate"] for r in result.rows})
+    if plot and rates:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for system in dict.fromkeys(r["system"] for r in result.rows):
+            pts = sorted((r["rate"], r["slo_attainment"], r["goodput"]) for r in result.rows if r["system"] == system)
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=system)
+        axes[0].set_ylabel("SLO attainment")
+        axes[0].set_ylim(-0.02, 1.02)
+        axes[1].set_ylabel("goodput (tokens/s of SLO-meeting requests)")
+        for ax in axes:
+            ax.set_xlabel("request rate (req/s)")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(result.name)
+        fig.tight_layout()
+        paths["png"] = out_dir / f"{result.name}.png"
+        fig.savefig(paths["png"], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def _load_avg() -> list[float] | None:
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def run_serving_benchmark(
+    target, draft, tokenizer, prompts: Any, *,
+    systems: Sequence[str] = DEFAULT_SYSTEMS,
+    rates: "Sequence[float] | str" = "auto",
+    rate_multipliers: Sequence[float] = (0.5, 1.0, 2.0),
+    duration: float = 20.0,
+    max_requests: int | None = None,
+    arrival: str = "poisson",
+    cv: float = 2.0,
+    output_len: "int | tuple[int, int] | str" = "data",
+    max_prompt_tokens: int | None = 256,
+    tight: float = 1.2,
+    loose: float = 3.0,
+    tight_fraction: float = 0.5,
+    ttft_scale: float = 10.0,
+    max_rows: int = 8,
+    warmup: int = 4,
+    drain_timeout: float = 15.0,
+    seed: int = 0,
+    name: str = "serving",
+    progress: bool = True,
+    extra_config: dict | None = None,
+) -> ServingBenchResult:
+    """Calibrate, build one seeded workload per rate, replay it for every system; see the module doc."""
+    from .bench import machine_info
+
+    # one workload template to calibrate on (same prompts / lengths as the real ones)
+    probe = make_workload(prompts, 1.0, n_requests=64, output_len=output_len, tokenizer=tokenizer,
+                          max_prompt_tokens=max_prompt_tokens, seed=seed)
+    mean_out = statistics.fmean(r.max_new_tokens for r in probe.requests)
+    cal = calibrate(target, [r.prompt_ids for r in probe.requests], mean_out)
+    classes = slo_classes(cal, tight=tight, loose=loose, tight_fraction=tight_fraction, ttft_scale=ttft_scale)
+    if rates == "auto":
+        base = 1.0 / cal.request_s
+        rates = [round(base * m, 3) for m in rate_multipliers]
+    rates = [float(r) for r in rates]
+    config = {
+        "systems": list(systems), "rates": rates, "duration_s": duration, "arrival": arrival,
+        "cv": cv if arrival == "gamma" else None, "output_len": output_len, "max_rows": max_rows, "seed": seed,
+        "calibration": {k: round(v, 5) for k, v in asdict(cal).items()},
+        "slo_classes": [asdict(c) for c in classes], "machine": machine_info(), "load_before": _load_avg(),
+        "target_params": sum(p.numel() for p in target.parameters()),
+        "draft_params": sum(p.numel() for p in draft.parameters()), **(extra_config or {}),
+    }
+    result = ServingBenchResult(name, config)
+    total = len(rates) * len(systems)
+    done = 0
+    for rate in rates:
+        wl = make_workload(prompts, rate, duration=duration, n_requests=max_requests, arrival=arrival, cv=cv,
+                           slo_classes=classes, output_len=output_len, tokenizer=tokenizer,
+                           max_prompt_tokens=max_prompt_tokens, seed=seed)
+        result.config.setdefault("workload", {})[str(rate)] = {k: v for k, v in wl.summary().items()
+                                                               if k not in ("slo_classes",)}
+        for system in systems:
+            t0 = time.perf_counter()
+            out = run_system(system, target, draft, tokenizer, wl, max_rows=max_rows, warmup=warmup,
+                             drain_timeout=drain_timeout, seed=seed)
+            m = out["metrics"]
+            m["load"] = _load_avg()
+            result.rows.append(m)
+            result.requests[f"{system}@{rate}"] = out["requests"]
+            done += 1
+            if progress:
+                print(f"[{done}/{total}] rate {rate:.2f} {system:>10}: attainment {m['slo_attainment']:.2f} "
+                      f"goodput {m['goodput']:.1f} tok/s throughput {m['throughput']:.1f} tok/s "
+                      f"accepted/step {m['accepted_per_step']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    result.config["load_after"] = _load_avg()
+    return result
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _parse_output_len(s: str):
+    if s == "data":
+        return "data"
+    if "-" in s:
+        lo, hi = s.split("-", 1)
+        return (int(lo), int(hi))
+    return int(s)
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", help="HF id/path of the target (default: the built-in pair)")
+    p.add_argument("--draft", help="HF id/path of the draft (default: the built-in pair)")
+    p.add_argument("--pair-dir", help="a built pair's directory (default: the built-in full pair)")
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help="comma-separated systems")
+    p.add_argument("--rates", default="auto", help="comma-separated requests/s, or 'auto' (multiples of the "
+                   "rate a vanilla one-request-at-a-time server sustains)")
+    p.add_argument("--rate-multipliers", default="0.5,1,2", help="for --rates auto")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per rate and system")
+    p.add_argument("--max-requests", type=int, default=None, help="cap on requests per rate")
+    p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
+    p.add_argument("--cv", type=float, default=2.0, help="gap coefficient of variation for gamma arrivals")
+    p.add_argument("--output-len", default="data", help="'data' (reference length, clipped 16-64), 'LO-HI' or N")
+    p.add_argument("--tight", type=float, default=1.2, help="tight TPOT SLO, x vanilla per-token latency")
+    p.add_argument("--loose", type=float, default=3.0, help="loose TPOT SLO, x vanilla per-token latency")
+    p.add_argument("--tight-fraction", type=float, default=0.5)
+    p.add_argument("--ttft-scale", type=float, default=10.0, help="TTFT SLO, x vanilla single-request TTFT")
+    p.add_argument("--max-rows", type=int, default=8)
+    p.add_argument("--n-prompts", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--drain-timeout", type=float, default=15.0)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="serving")
+    p.add_argument("--out", default=str(RESULTS_DIR))
+
+
+def register_serve_cli(subparsers) -> None:
+    """``adaspec-hf bench serve ...`` (hooked from :func:`adaspec_hf.bench.register_cli`)."""
+    p = subparsers.add_parser("serve", help="SLO serving benchmark (attainment and goodput vs request rate)")
+    add_serve_arguments(p)
+    p.set_defaults(func=serve_cli)
+
+
+def serve_cli(args: argparse.Namespace) -> int:
+    import sys
+
+    from .pair import load_models, load_pair, load_prompts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    if args.pair_dir:
+        target, draft, tok = load_pair(args.pair_dir, build=False, dtype=dtype, device=args.device)
+        prompts = load_prompts(args.pair_dir, n=args.n_prompts)
+    else:
+        target, draft, tok = load_models(args.target, args.draft, dtype=dtype, device=args.device)
+        if args.target is None:
+            prompts = load_prompts(None, n=args.n_prompts)
+        else:
+            from .bench import _default_text_prompts
+
+            prompts = [tok.decode(p) for p in _default_text_prompts(tok, args.n_prompts or 8)]
+    for m in (target, draft):
+        if getattr(m.config, "use_cache", True) is False:  # a training-time setting saved with the weights
+            m.config.use_cache = True
+    rates = "auto" if args.rates == "auto" else [float(x) for x in args.rates.split(",")]
+    res = run_serving_benchmark(
+        target, draft, tok, prompts, systems=[s.strip() for s in args.systems.split(",") if s.strip()],
+        rates=rates, rate_multipliers=[float(x) for x in args.rate_multipliers.split(",")],
+        duration=args.duration, max_requests=args.max_requests, arrival=args.arrival, cv=args.cv,
+        output_len=_parse_output_len(args.output_len), tight=args.tight, loose=args.loose,
+        tight_fraction=args.tight_fraction, ttft_scale=args.ttft_scale, max_rows=args.max_rows,
+        warmup=args.warmup, drain_timeout=args.drain_timeout, seed=args.seed, name=args.name,
+        extra_config={"command": " ".join(["adaspec-hf bench serve"] + sys.argv[3:]) if sys.argv[1:2] == ["bench"]
+                      else " ".join(sys.argv), "threads": torch.get_num_threads(),
+                      "pair_dir": args.pair_dir, "target": args.target, "draft": args.draft},
+    )
+    print(res.table())
+    for kind, path in write_serving_results(res, args.out).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/serving.py", description=__doc__.splitlines()[0])
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return serve_cli(args)
