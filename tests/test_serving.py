@@ -336,3 +336,32 @@ def test_slo_phase_gives_nodes_to_the_row_behind():
     assert int(keep[1].sum()) > 0 and planner.slo_nodes > 0
     # (the others' nodes are then free: the verify pass is as wide as its widest row)
     tree.select(keep)  # closed under ancestors
+
+
+# ------------------------------------------------------------------------------- text and stops
+def word_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary ("w3" ... "w100"), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_text_prompts_streaming_and_stop_strings():
+    target, draft = pair("llama")
+    tok = word_tokenizer()
+    prompt = "w5 w6 w7 w8"
+    ref = reference([5, 6, 7, 8], 16)
+    with Engine(target, draft, tok, policy=StaticChain(2), max_rows=2, seed=0) as engine:
+        h = engine.submit(prompt, max_new_tokens=16)
+        text = "".join(h.text())
+        res = h.result()
+        assert res.token_ids == ref and res.text == text == tok.decode(ref)
+        stop_word = f"w{ref[5]}"
+        cut = next(k + 1 for k in range(len(ref)) if stop_word in tok.decode(ref[: k + 1]))
+        s = engine.submit(prompt, max_new_tokens=16, stop=[stop_word, "never"]).result()
+        assert s.finish_reason == "stop" and s.token_ids == ref[:cut] and s.text.endswith(stop_word)

@@ -34,7 +34,7 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 import numpy as np
 import torch
 from transformers import (
-    GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList, StopStringCriteria,
+    GenerationConfig, LogitsProcessorList, PreTrainedModel,
 )
 
 from .engine import GenerationStats, RowBatch, RowSource, SpecStep
@@ -237,7 +237,7 @@ class _Request:
     do_sample: bool
     processing: Processing | None
     eos: frozenset
-    stopping: StoppingCriteriaList | None
+    stop: tuple[str, ...]  # stop strings (matched in the decoded generated text)
     slo: SLO | None
     arrival: float
     reserve: int
@@ -269,8 +269,9 @@ class ServingStepContext(StepContext):
     step_time: float = 0.0  # estimated seconds of this step
 
 
-def _cut_tokens(r: _Request, toks: list[int]) -> tuple[list[int], str | None]:
-    """Apply max_new / eos / stop criteria to tokens about to be committed."""
+def _cut_tokens(r: _Request, toks: list[int], tokenizer=None) -> tuple[list[int], str | None]:
+    """Apply max_new / eos / stop strings to tokens about to be committed (output keeps the
+    EOS token or the tokens that complete a stop string, as HF ``generate`` does)."""
     reason = None
     room = r.max_new - r.n_gen
     if len(toks) >= room:
@@ -280,11 +281,11 @@ def _cut_tokens(r: _Request, toks: list[int]) -> tuple[list[int], str | None]:
             if t in r.eos:
                 toks, reason = toks[: k + 1], "eos"
                 break
-    if r.stopping:
-        base = r.buf[: r.n]
+    if r.stop and tokenizer is not None:
+        done = r.buf[len(r.prompt): r.n].tolist()
         for k in range(len(toks)):
-            seq = torch.cat([base, torch.tensor(toks[: k + 1], dtype=torch.long, device=base.device)])[None]
-            if bool(torch.as_tensor(r.stopping(seq, None)).reshape(-1)[0]):
+            text = tokenizer.decode(done + toks[: k + 1], skip_special_tokens=False)
+            if any(s in text for s in r.stop):
                 toks, reason = toks[: k + 1], "stop"
                 break
     return toks, reason
@@ -404,7 +405,7 @@ class _Rows(RowSource):
                 continue
             try:
                 reason = self.engine._commit(r, toks[:n], now)
-            except Exception as e:  # noqa: BLE001 - e.g. a stopping criterion raised
+            except Exception as e:  # noqa: BLE001 - e.g. decoding for stop strings raised
                 self._fail(r, e)
                 reason = "error"
             if reason is not None:
@@ -722,6 +723,7 @@ class Engine:
         self._step_no = 0
         self._step_ema = 0.0
         self._prefill_rate: float | None = None  # seconds per prompt token (EMA of observed prefills)
+        self._prefill_log_ratio = 0.0  # observed / latency-model prefill time (log EMA)
         self._proc_cache: dict[tuple, Processing | None] = {}
         self._thread = threading.Thread(target=self._loop, name="adaspec-engine", daemon=True)
         if start:
@@ -777,13 +779,13 @@ class Engine:
         sampling.update(generation_kwargs)
         processing, do_sample, eos = self._processing(ids, max_new_tokens, bool(do_sample), sampling, eos_token_id,
                                                       logits_processor, generation_config)
-        stopping = self._stopping(stop)
+        stop = self._stop_strings(stop)
         rid = next(self._ids)
         handle = RequestHandle(self, rid)
         buf = torch.zeros(len(ids) + max_new_tokens + 1, dtype=torch.long, device=self.device)
         buf[: len(ids)] = torch.tensor(ids, dtype=torch.long)
         req = _Request(id=rid, handle=handle, prompt=ids, buf=buf, max_new=max_new_tokens, do_sample=do_sample,
-                       processing=processing, eos=eos, stopping=stopping, slo=slo, arrival=time.perf_counter(),
+                       processing=processing, eos=eos, stop=stop, slo=slo, arrival=time.perf_counter(),
                        reserve=reserve)
         with self._lock:
             if self._closing or self._dead is not None:
@@ -904,16 +906,16 @@ class Engine:
             self._proc_cache[key] = proc  # stateless: shared by requests with the same settings
         return proc, do_sample, frozenset(eos_list)
 
-    def _stopping(self, stop) -> StoppingCriteriaList | None:
+    def _stop_strings(self, stop) -> tuple[str, ...]:
         if stop is None or stop == []:
-            return None
+            return ()
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
         if self.tokenizer is None:
             raise ValueError("stop strings need Engine(..., tokenizer=...)")
-        return StoppingCriteriaList([StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stop))])
+        return tuple(stop)
 
     # ---------------------------------------------------------------------------- step loop
     def _poke(self) -> None:
@@ -954,16 +956,30 @@ class Engine:
         """Latest start time that still meets the TTFT deadline (deadline - predicted prefill)."""
         return r.deadline - self._predict_prefill(len(r.prompt))
 
-    def _predict_prefill(self, n_tokens: int) -> float:
-        if self._prefill_rate is not None:
-            return self._prefill_rate * n_tokens
+    def _prefill_model(self, n_tokens: int) -> float | None:
+        """Prefill seconds (target + draft) for a prompt from the policy's latency model, if any."""
         lat = getattr(self.policy, "latency", None)
-        if lat is not None:
-            try:
-                return float(lat.target_time(1, n_tokens, 0) + lat.draft_time(1, n_tokens, 0))
-            except Exception:  # noqa: BLE001 - a prediction is only a hint
-                return 0.0
-        return 0.0
+        if lat is None or not getattr(lat, "tables", None):
+            return None
+        try:
+            return float(lat.target_time(1, n_tokens, n_tokens / 2) + lat.draft_time(1, n_tokens, n_tokens / 2))
+        except Exception:  # noqa: BLE001 - a prediction is only a hint
+            return None
+
+    def _predict_prefill(self, n_tokens: int) -> float:
+        """Latency-model prediction corrected by observed prefills (else the observed s/token)."""
+        base = self._prefill_model(n_tokens)
+        if base is not None:
+            return base * math.exp(self._prefill_log_ratio)
+        return (self._prefill_rate or 0.0) * n_tokens
+
+    def _observe_prefill(self, n_tokens: int, seconds: float) -> None:
+        rate = seconds / n_tokens
+        self._prefill_rate = rate if self._prefill_rate is None else 0.8 * self._prefill_rate + 0.2 * rate
+        base = self._prefill_model(n_tokens)
+        if base and seconds > 0:
+            obs = min(max(math.log(seconds / base), -3.0), 3.0)
+            self._prefill_log_ratio = 0.8 * self._prefill_log_ratio + 0.2 * obs
 
     def _min_slack(self, now: float) -> float:
         """Seconds the most pressed running SLO request can wait beyond the next step."""
@@ -1012,8 +1028,7 @@ class Engine:
             else:
                 first = int(scores.argmax(-1)[0])
             now = time.perf_counter()
-            rate = (now - t0) / len(r.prompt)
-            self._prefill_rate = rate if self._prefill_rate is None else 0.8 * self._prefill_rate + 0.2 * rate
+            self._observe_prefill(len(r.prompt), now - t0)
             reason = self._commit(r, [first], now)
         except Exception as e:  # noqa: BLE001 - this request fails alone
             r.failed = e
@@ -1031,7 +1046,7 @@ class Engine:
             self._batch.extend(rb)
 
     def _commit(self, r: _Request, toks: list[int], now: float) -> str | None:
-        toks, reason = _cut_tokens(r, toks)
+        toks, reason = _cut_tokens(r, toks, self.tokenizer)
         if toks:
             r.buf[r.n: r.n + len(toks)] = torch.tensor(toks, dtype=torch.long)
             r.n_gen += len(toks)
