@@ -443,7 +443,7 @@ class SLOPlanner(AdaptivePlanner):
     def reset(self) -> None:
         super().reset()
         self._need: torch.Tensor | None = None
-        self.slo_nodes = 0  # nodes that phase 1 selected beyond phase 2's choice (statistics)
+        self.slo_nodes = 0  # nodes selected by phase 1 (statistics)
         self.behind_rows = 0  # row-steps that were behind their TPOT track
 
     def forget(self, row_id: int) -> None:
@@ -526,28 +526,34 @@ class SLOPlanner(AdaptivePlanner):
         width = int((have_n + n_add).max())
         e = min(self.max_children, v.shape[1]) if self.tree else 1
         alpha = st["alpha"]
-        n_add, n_exp = n_add.clone(), n_exp.clone()
-        for r in torch.argsort(short, descending=True).tolist():
-            if short[r] <= 0:
+        short_l, have_l, need_l = short.tolist(), have.tolist(), need.tolist()
+        have_n_l, add_l, exp_l = have_n.tolist(), n_add.tolist(), n_exp.tolist()
+        depth_l, v_l = ctx.max_depth.tolist(), v.tolist()
+        extra_draft = None
+        for r in sorted(range(len(short_l)), key=lambda i: -short_l[i]):
+            if short_l[r] <= 0:
                 break
-            vals = v[r].tolist()
+            vals = v_l[r]
             useful, acc = [], 0.0
             for x in vals:  # candidates up to (and including) the one that covers the need
-                if x < self.min_node_value or acc >= float(short[r]):
+                if x < self.min_node_value or acc >= short_l[r]:
                     break
                 useful.append(x)
                 acc += x
-            k = max(self._best_prefix(useful, float(have[r]), int(have_n[r]), width, spent), int(n_add[r]))
-            n_add[r] = k
-            width = max(width, int(have_n[r]) + k)
-            got = float(have[r]) + sum(vals[:k])
-            if k and got < float(need[r]) and int(ctx.max_depth[r]) > ctx.level:
+            k = max(self._best_prefix(useful, have_l[r], have_n_l[r], width, spent), add_l[r])
+            add_l[r] = k
+            width = max(width, have_n_l[r] + k)
+            got = have_l[r] + sum(vals[:k])
+            if k and got < need_l[r] and depth_l[r] > ctx.level:
+                if extra_draft is None:
+                    extra_draft = self._draft_cost(st["rows"], e, st["context"])
                 child = max(vals[: min(k, e)]) * float(alpha[r])
                 now = (1.0 + got) / (spent + self._verify_at(width))
-                more = (1.0 + got + child) / (spent + self._draft_cost(st["rows"], e, st["context"])
-                                              + self._verify_at(max(width, int(have_n[r]) + k + 1)))
+                more = (1.0 + got + child) / (spent + extra_draft + self._verify_at(max(width, have_n_l[r] + k + 1)))
                 if more > now:
-                    n_exp[r] = max(int(n_exp[r]), min(k, e))
+                    exp_l[r] = max(exp_l[r], min(k, e))
+        n_add = torch.tensor(add_l, dtype=n_add.dtype, device=n_add.device)
+        n_exp = torch.tensor(exp_l, dtype=n_exp.dtype, device=n_exp.device)
         n_exp = torch.minimum(n_exp, n_add)
         if bool((n_exp > 0).any()):
             st["draft_levels"] = levels_before + 1
@@ -568,14 +574,15 @@ class SLOPlanner(AdaptivePlanner):
         # phase 1: SLO rows behind their track, neediest first, as many nodes as raise their own rate
         forced = torch.zeros(b, dtype=torch.long, device=dev)
         if self._need is not None:
-            need = self._need.to(dev)
+            need_l = self._need.tolist()
+            sv_l, ok_l = sv.tolist(), svalid.tolist()
             used, width = 0, 0
-            for r in torch.argsort(need, descending=True).tolist():
-                if need[r] <= 0 or used >= budget:
+            for r in sorted(range(b), key=lambda i: -need_l[i]):
+                if need_l[r] <= 0 or used >= budget:
                     break
                 vals, acc = [], 0.0
-                for x, ok in zip(sv[r].tolist(), svalid[r].tolist()):
-                    if not ok or x < self.min_node_value or acc >= float(need[r]) or used + len(vals) >= budget:
+                for x, ok in zip(sv_l[r], ok_l[r]):
+                    if not ok or x < self.min_node_value or acc >= need_l[r] or used + len(vals) >= budget:
                         break
                     vals.append(x)
                     acc += x
@@ -603,31 +610,12 @@ class SLOPlanner(AdaptivePlanner):
         self.last_predicted_time = float(times[best])
         extra = onehot[1: best + 1].sum(0).long() if best else torch.zeros_like(forced)
         take = forced + extra
-        if self._need is not None:
-            # statistics: nodes phase 1 kept that phase 2 alone would not have taken
-            alone = self._phase2_only(sv, svalid, spent, verify, b, n, budget)
-            self.slo_nodes += int((take - alone).clamp(min=0).sum())
+        self.slo_nodes += int(forced.sum())
         keep_sorted = ar < take[:, None]
         keep = torch.zeros_like(tree.valid)
         keep.scatter_(1, order, keep_sorted & svalid)
         anc = tree.ancestors()  # close under ancestors (ties in path value could orphan a node)
         return (anc & keep[:, :, None]).any(1) & tree.valid
-
-    @staticmethod
-    def _phase2_only(sv, svalid, spent, verify, b, n, budget) -> torch.Tensor:
-        rest = svalid & (sv > 0)
-        flat = torch.where(rest, sv, torch.zeros_like(sv)).reshape(-1)
-        k = min(int(rest.sum()), budget)
-        top = torch.argsort(flat, descending=True, stable=True)[:k]
-        onehot = torch.zeros(k + 1, b, device=sv.device)
-        if k:
-            onehot[1:] = torch.nn.functional.one_hot(top // n, b).float()
-        counts = torch.cumsum(onehot, 0)
-        q_idx = counts.max(1).values.long().clamp(max=len(verify) - 1)
-        tokens = float(b) + torch.cat([torch.zeros(1, device=sv.device), torch.cumsum(flat[top], 0)])
-        best = int(torch.argmax(tokens / (spent + verify[q_idx])))
-        return onehot[1: best + 1].sum(0).long() if best else torch.zeros(b, dtype=torch.long, device=sv.device)
-
 
 def make_engine_policy(policy: "str | DraftPolicy", target, draft) -> DraftPolicy:
     """A policy by name: ``"slo"`` / ``"slo-tree"`` (:class:`SLOPlanner`) or any registry name."""
@@ -678,11 +666,15 @@ class Engine:
     ``"static-K"``, ...) or a :class:`~adaspec_hf.policies.DraftPolicy`. ``max_rows``: requests in
     the running batch at once. ``max_cached_tokens``: bound on the sum over running requests of
     prompt + max_new_tokens (a request that alone exceeds it is refused). ``seed``: sampling RNG.
+    ``latency``: a :class:`~adaspec_hf.latency.LatencyModel` for admission decisions (default: the
+    policy's, if it has one). ``best_effort_wait_s``: longest a request without a TTFT objective
+    waits for admission while SLO requests are protected.
     """
 
     def __init__(self, target: PreTrainedModel, draft: PreTrainedModel, tokenizer=None,
                  policy: "str | DraftPolicy" = "slo", *, max_rows: int = 8, max_cached_tokens: int | None = None,
-                 compaction_threshold: float = 0.5, seed: int | None = None, start: bool = True):
+                 compaction_threshold: float = 0.5, seed: int | None = None, latency=None,
+                 best_effort_wait_s: float = 2.0, start: bool = True):
         check_cache_support(target)
         check_cache_support(draft)
         from .hf import check_vocab
@@ -695,6 +687,10 @@ class Engine:
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.policy = make_engine_policy(policy, target, draft)
         self.policy.reset()
+        self.latency = latency if latency is not None else getattr(self.policy, "latency", None)
+        if not (isinstance(best_effort_wait_s, (int, float)) and best_effort_wait_s >= 0):
+            raise ValueError(f"best_effort_wait_s must be >= 0 seconds, got {best_effort_wait_s!r}")
+        self.best_effort_wait_s = float(best_effort_wait_s)
         self.max_rows, self.max_cached_tokens = max_rows, max_cached_tokens
         self.compaction_threshold = compaction_threshold
         self.device = target.device
@@ -722,6 +718,9 @@ class Engine:
         self._stepper = SpecStep(self.policy, draft_sampling=False, generator=self.generator)
         self._step_no = 0
         self._step_ema = 0.0
+        self._tokens_ema = 1.0  # emitted tokens per row per step
+        self._drafted_ema = 0.0  # verified draft nodes per row per step
+        self.deferred_admissions = 0  # admissions postponed to protect running TPOT objectives
         self._prefill_rate: float | None = None  # seconds per prompt token (EMA of observed prefills)
         self._prefill_log_ratio = 0.0  # observed / latency-model prefill time (log EMA)
         self._proc_cache: dict[tuple, Processing | None] = {}
@@ -958,7 +957,7 @@ class Engine:
 
     def _prefill_model(self, n_tokens: int) -> float | None:
         """Prefill seconds (target + draft) for a prompt from the policy's latency model, if any."""
-        lat = getattr(self.policy, "latency", None)
+        lat = self.latency
         if lat is None or not getattr(lat, "tables", None):
             return None
         try:
@@ -981,18 +980,49 @@ class Engine:
             obs = min(max(math.log(seconds / base), -3.0), 3.0)
             self._prefill_log_ratio = 0.8 * self._prefill_log_ratio + 0.2 * obs
 
-    def _min_slack(self, now: float) -> float:
-        """Seconds the most pressed running SLO request can wait beyond the next step."""
-        slack = math.inf
+    def _admit_deadline(self, r: _Request) -> float:
+        """TTFT deadline, or for best-effort requests the latest time to start them (no starvation)."""
+        return r.deadline if math.isfinite(r.deadline) else r.arrival + self.best_effort_wait_s
+
+    def _step_ratio(self, rows: int) -> float:
+        """Predicted step time with ``rows + 1`` rows over that with ``rows`` (latency model, else linear)."""
+        if self.latency is not None and rows > 0:
+            q = 1.0 + self._drafted_ema
+            ctx = float(self._batch.length.float().mean()) if self._batch.rows else 64.0
+            try:
+                now = self.latency.target_time(rows, q, ctx)
+                more = self.latency.target_time(rows + 1, q, ctx)
+                if now > 0 and more > 0:
+                    return more / now
+            except Exception:  # noqa: BLE001 - a prediction is only a hint
+                pass
+        return (rows + 1) / max(rows, 1)
+
+    def _tpot_risk(self, now: float, stall: float) -> bool:
+        """Would one more row (and ``stall`` seconds of prefill) make a running request miss a TPOT
+        objective it would otherwise meet? Projected from each row's tokens per step so far."""
+        rows = self._batch.rows
+        if rows == 0 or self._step_ema <= 0:
+            return False
+        t_cur = self._step_ema
+        t_new = t_cur * self._step_ratio(rows)
         for r in self._running.values():
-            if r.slo is not None and r.slo.tpot_ms is not None and r.t_first is not None:
-                due = r.t_first + r.n_gen * r.slo.tpot
-                slack = min(slack, due - now - self._step_ema)
-        return slack
+            if r.slo is None or r.slo.tpot_ms is None or r.t_first is None:
+                continue
+            left = r.max_new - r.n_gen
+            if left <= 0:
+                continue
+            per_step = (r.n_gen - 1 + 2.0 * self._tokens_ema) / (r.steps + 2.0)
+            allowed = r.t_first + (r.max_new - 1) * r.slo.tpot
+            if now + left / per_step * t_cur <= allowed < now + stall + left / per_step * t_new:
+                return True
+        return False
 
     def _admit(self) -> None:
-        admitted = 0
-        slack = None
+        """Earliest deadline first (latest start = TTFT deadline - predicted prefill). Into a running
+        batch, a request is admitted when no running request's TPOT objective is put at risk by the
+        larger batch and the prefill stall, or when its own TTFT deadline cannot wait any longer."""
+        stall = 0.0
         while self._queue and self._batch.rows < self.max_rows:
             _, _, _, r = self._queue[0]
             if r.handle._cancel:
@@ -1001,18 +1031,16 @@ class Engine:
                 continue
             if self.max_cached_tokens is not None and self._reserved + r.reserve > self.max_cached_tokens:
                 break
-            if admitted:
+            cost = self._predict_prefill(len(r.prompt))
+            if self._batch.rows:
                 now = time.perf_counter()
-                cost = self._predict_prefill(len(r.prompt))
-                if slack is None:
-                    slack = self._min_slack(now)
-                urgent = r.deadline - now <= cost + 2 * self._step_ema
-                if not urgent and slack < cost:
+                urgent = self._admit_deadline(r) - now <= cost + 2.0 * self._step_ema
+                if not urgent and self._tpot_risk(now, stall + cost):
+                    self.deferred_admissions += 1
                     break
-                slack -= cost
             heapq.heappop(self._queue)
             self._prefill(r)
-            admitted += 1
+            stall += cost
 
     def _prefill(self, r: _Request) -> None:
         t0 = time.perf_counter()
@@ -1080,6 +1108,9 @@ class Engine:
             self._batch = RowBatch(self.target, self.draft)
             return
         self._step_ema = record.step_time if self._step_ema == 0 else 0.8 * self._step_ema + 0.2 * record.step_time
+        rows_n = max(record.rows, 1)
+        self._tokens_ema = 0.8 * self._tokens_ema + 0.2 * (1.0 + sum(record.accepted) / rows_n)
+        self._drafted_ema = 0.8 * self._drafted_ema + 0.2 * (sum(record.drafted) / rows_n)
         self.stats.steps.append(record)
         if len(self.stats.steps) > 100_000:
             del self.stats.steps[:50_000]

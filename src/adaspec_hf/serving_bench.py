@@ -113,7 +113,13 @@ def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max
     from .serving import Engine
 
     policy = policy if policy is not None else make_system_policy(system, target, draft)
-    engine = Engine(target, draft, tokenizer, policy, max_rows=max_rows, seed=seed)
+    latency = getattr(policy, "latency", None)
+    if latency is None:  # every system gets the same latency-model-based admission
+        from .latency import LatencyModel
+        from .planner import planner_state
+
+        latency = LatencyModel(planner_state(target, draft)[0].profile)
+    engine = Engine(target, draft, tokenizer, policy, max_rows=max_rows, seed=seed, latency=latency)
     try:
         warm = [engine.submit(r.prompt_ids, max_new_tokens=min(16, r.max_new_tokens))
                 for r in workload.requests[:warmup]]
@@ -168,6 +174,7 @@ def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max
         "accepted_per_step": sum(sum(s.accepted) for s in steps) / max(rows, 1),
         "drafted_per_step": sum(sum(s.drafted) for s in steps) / max(rows, 1),
         "slo_nodes": getattr(policy, "slo_nodes", None),
+        "deferred_admissions": engine.deferred_admissions,
     }
     return {"metrics": out, "requests": records}
 
