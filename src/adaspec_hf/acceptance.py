@@ -11,8 +11,9 @@ Model: ``pred(p, d) = clamp((p + delta(p)) * f(d), 0, 1)``.
   linearly between bin centres, so the map is continuous and non-decreasing in ``p``.
 - ``f(d)`` is an optional multiplicative depth factor (observed / predicted per depth, shrunk to 1).
 Statistics decay with a half-life in samples so calibration follows drifting text.
-All work is vectorised over nodes (bincount, gather); the only Python loop is over the ~10 bins, and
-it runs at most once per :meth:`update`.
+Cost: after each :meth:`update` the map is tabulated once per depth on a fine grid of draft
+probabilities (numpy, ~10 bins); :meth:`predict` is then a gather + lerp in that table, and
+:meth:`update` one bincount -- vectorised over nodes, no Python loop over them.
 """
 from __future__ import annotations
 
