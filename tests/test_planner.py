@@ -10,7 +10,9 @@ import torch
 from adaspec_hf.acceptance import AcceptanceModel
 from adaspec_hf.engine import SpeculativeDecoder
 from adaspec_hf.latency import LatencyModel
-from adaspec_hf.planner import AdaptivePlanner, SmartSpec
+from adaspec_hf.planner import AdaptivePlanner, ObservedCosts, SmartSpec
+
+NO_MEASURED = dict(observed=ObservedCosts(min_count=10**9))  # trust the injected latency model only
 from adaspec_hf.policies import LevelContext, StepContext
 from adaspec_hf.tree import DraftTree
 
@@ -26,19 +28,25 @@ def synthetic_latency(target_fn, draft_fn, overhead=1e-4) -> LatencyModel:
         draft=[[r, t, c, draft_fn(r, t, c)] for r, t, c in grid], overhead=overhead)
 
 
-FLAT_TARGET = synthetic_latency(lambda r, t, c: 0.010, lambda r, t, c: 0.0002)
-STEEP_TARGET = synthetic_latency(lambda r, t, c: 0.010 * r * t, lambda r, t, c: 0.0002)
+def flat_target() -> LatencyModel:  # fresh per use: planners correct their latency model online
+    return synthetic_latency(lambda r, t, c: 0.010, lambda r, t, c: 0.0002)
+
+
+def steep_target() -> LatencyModel:
+    return synthetic_latency(lambda r, t, c: 0.010 * r * t, lambda r, t, c: 0.0002)
 
 
 def test_picks_zero_when_verification_is_expensive():
     target, draft = pair("llama", "sdpa", same=True)  # drafts always accepted...
-    planner = AdaptivePlanner(STEEP_TARGET)  # ...but every verified token costs a full forward
+    planner = AdaptivePlanner(steep_target(), **NO_MEASURED)  # ...but every verified token costs a full forward
     ids, mask = ragged_batch(3, 6, 0)
     ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     out = SpeculativeDecoder(target, draft, planner, eos_token_id=2, pad_token_id=0).generate(ids, mask, 20)
     assert torch.equal(out.sequences, ref)
+    # only the idle probes draft (every 8th idle step, 1 then 2 tokens), nothing else
     probes = sum(1 for s in out.stats.steps if sum(s.drafted))
-    assert probes <= 1 and out.stats.drafted_tokens <= 3
+    assert probes <= len(out.stats.steps) // planner.probe_every
+    assert out.stats.drafted_tokens <= 3 * (1 + 2)
 
 
 def test_deepens_when_drafts_are_always_accepted():
@@ -47,7 +55,7 @@ def test_deepens_when_drafts_are_always_accepted():
     g = torch.Generator().manual_seed(0)
     p = torch.rand(4000, generator=g)
     acc.update(p, torch.ones(4000, dtype=torch.long), torch.ones(4000))  # stream: everything accepted
-    planner = AdaptivePlanner(FLAT_TARGET, acc)
+    planner = AdaptivePlanner(flat_target(), acc, **NO_MEASURED)
     ids, mask = ragged_batch(2, 6, 1)
     ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=60, do_sample=False)
     out = SpeculativeDecoder(target, draft, planner, eos_token_id=2, pad_token_id=0).generate(ids, mask, 60)
@@ -62,8 +70,13 @@ def test_level_decisions_follow_confidence():
     ctx = StepContext(rows=2, context_len=torch.tensor([20, 20]), remaining=torch.tensor([50, 50]),
                       sampling=False, step=1, row_ids=torch.tensor([0, 1]))
 
+    calibrated = AcceptanceModel()  # a calibration where acceptance = draft probability
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(4000, generator=g)
+    calibrated.update(p, torch.ones(4000, dtype=torch.long), (torch.rand(4000, generator=g) < p).float())
+
     def decide(p0, p1):
-        planner = AdaptivePlanner(STEEP_TARGET_MILD)
+        planner = AdaptivePlanner(steep_target_mild(), calibrated, **NO_MEASURED)
         depth = planner.max_depth(ctx)
         lctx = LevelContext(level=1, cand_path_prob=torch.tensor([[p0], [p1]]),
                             cand_prob=torch.tensor([[p0], [p1]]), tree=DraftTree.empty(2), step=ctx,
@@ -76,7 +89,8 @@ def test_level_decisions_follow_confidence():
     assert n_add[0] == 1 and n_exp[0] == 1
 
 
-STEEP_TARGET_MILD = synthetic_latency(lambda r, t, c: 0.010 + 0.0005 * r * (t - 1), lambda r, t, c: 0.0002)
+def steep_target_mild() -> LatencyModel:
+    return synthetic_latency(lambda r, t, c: 0.010 + 0.0005 * r * (t - 1), lambda r, t, c: 0.0002)
 
 
 def test_high_load_stops_speculating():
@@ -87,7 +101,7 @@ def test_high_load_stops_speculating():
     acc.update(torch.full((2000,), 0.8), torch.ones(2000, dtype=torch.long), (torch.rand(2000) < 0.8).float())
 
     def depth_for(rows):
-        planner = AdaptivePlanner(lat, acc)
+        planner = AdaptivePlanner(lat, acc, **NO_MEASURED)
         ctx = StepContext(rows=rows, context_len=torch.full((rows,), 30), remaining=torch.full((rows,), 50),
                           sampling=False, step=1, row_ids=torch.arange(rows))
         for r in range(rows):
@@ -104,11 +118,36 @@ def test_greedy_equivalence_with_planner(arch, policy):
     target, draft = pair(arch)
     acc = AcceptanceModel()
     if policy == "smartspec":
-        planner = SmartSpec(FLAT_TARGET, acc)
+        planner = SmartSpec(flat_target(), acc)
     else:
-        planner = AdaptivePlanner(FLAT_TARGET, acc, tree=policy == "adaptive-tree")
+        planner = AdaptivePlanner(flat_target(), acc, tree=policy == "adaptive-tree")
     ids, mask = ragged_batch(5, 9, 3)
     ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
     out = SpeculativeDecoder(target, draft, planner, eos_token_id=2, pad_token_id=0).generate(ids, mask, 30)
     assert torch.equal(out.sequences, ref)
     assert out.stats.drafted_tokens > 0
+
+
+def test_idle_probes_measure_wider_verifies():
+    """With a profile that says wide verifies are ruinous, the planner still probes now and then
+    (1, 2, 4 tokens), so that real measurements can correct the profile."""
+    target, draft = pair("llama", "sdpa", same=True)
+    planner = AdaptivePlanner(steep_target())
+    ids, mask = ragged_batch(1, 6, 0)
+    out = SpeculativeDecoder(target, draft, planner, eos_token_id=2, pad_token_id=0).generate(ids, mask, 40)
+    assert planner.probes >= 1
+    assert planner.observed.get(1, 2) is not None  # a probe measured a 2-token verify
+
+
+def test_measured_costs_override_the_profile():
+    """A measurement below the profile is believed at once; one above it only once confirmed."""
+    lat = steep_target()
+    planner = AdaptivePlanner(lat)
+    profile_q2, profile_q3 = lat.target_time(1, 2, 10), lat.target_time(1, 3, 10)
+    planner.observed.add(1, 2, profile_q2 / 10)
+    assert planner._costs(1, 10, 3)[1] == pytest.approx(profile_q2 / 10)
+    planner.observed.add(1, 3, profile_q3 * 10)  # one noisy step
+    assert planner._costs(1, 10, 3)[2] == pytest.approx(profile_q3)
+    for _ in range(planner.observed.confirm):
+        planner.observed.add(1, 3, profile_q3 * 10)
+    assert planner._costs(1, 10, 3)[2] == pytest.approx(profile_q3 * 10)

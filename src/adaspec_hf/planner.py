@@ -41,8 +41,10 @@ class AdaptivePlanner(DraftPolicy):
         tree: bool = False,
         max_depth: int = 12,
         max_children: int = 4,
-        probe_every: int = 32,
+        probe_every: int = 8,
         row_prior: float = 0.6,
+        observed: "ObservedCosts | None" = None,
+        calibration_warmup: float = 200.0,
     ):
         self.latency = latency
         self.acceptance = acceptance if acceptance is not None else AcceptanceModel()
@@ -51,19 +53,40 @@ class AdaptivePlanner(DraftPolicy):
         self.max_children = int(max_children) if tree else 1
         self.name = "adaptive-tree" if tree else "adaptive"
         self.probe_every = probe_every
+        # measured verify costs live with the (shared, per-pair) latency model across calls
+        if observed is None:
+            observed = getattr(latency, "observed_costs", None)
+            if observed is None:
+                observed = latency.observed_costs = ObservedCosts()
+        self.observed = observed
         self.row_prior = row_prior
+        self.calibration_warmup = calibration_warmup
         self.reset()
 
     def reset(self) -> None:
         self.alpha: dict[int, float] = {}  # per-row EMA of the acceptance rate of drafted nodes
         self.idle_steps = 0
+        self.probes = 0
+        self._probe = 0
         self.last_predicted_time: float | None = None
         self._step: dict = {}
         self.chosen: list[float] = []  # mean verified nodes per row, per step (statistics)
 
     # ------------------------------------------------------------------ costs
     def _costs(self, rows: int, context: float, max_q: int) -> np.ndarray:
-        return np.asarray([self.latency.target_time(rows, q, context) for q in range(1, max_q + 1)])
+        """Verify time for 1..max_q query tokens per row: the profile's prediction, replaced by what
+        was measured here. Contention only inflates timings, so a measurement below the profile is
+        believed at once, one above it only once confirmed (a busy-machine profile must not freeze
+        the decisions, and one noisy step must not either)."""
+        out = []
+        for q in range(1, max_q + 1):
+            pred = self.latency.target_time(rows, q, context)
+            seen = self.observed.get(rows, q)
+            if seen is not None:
+                value, n = seen
+                pred = value if n >= self.observed.confirm else min(value, pred)
+            out.append(pred)
+        return np.asarray(out)
 
     def _draft_cost(self, rows: int, tokens: float, context: float) -> float:
         return self.latency.draft_time(rows, max(tokens, 1.0), context)
@@ -85,28 +108,54 @@ class AdaptivePlanner(DraftPolicy):
             t = (self.latency.overhead + k * self._draft_cost(rows, 1, context) + verify[k])
             if exp_tokens / t > best_g:
                 best_k, best_g = k, exp_tokens / t
-        if best_k == 0:
-            self.idle_steps += 1
-            if self.probe_every and self.idle_steps % self.probe_every == 0:
-                best_k = 1  # re-measure acceptance now and then while speculation is off
-        else:
+        self._probe = 0
+        if self.probe_every and self.idle_steps >= self.probe_every:
+            # nothing drafted for a while: try a short chain (cycling 1, 2, 4) to re-measure the
+            # acceptance and the real cost of wider verify steps, so bad estimates cannot stick
+            self.probes += 1
+            self._probe = min(2 ** ((self.probes - 1) % 3), self.cap)
             self.idle_steps = 0
+            self._step["best_k"] = self._probe
+            return torch.full((rows,), self._probe, dtype=torch.long, device=ctx.context_len.device)
         self.last_predicted_time = self.latency.overhead + float(verify[0])
         self._step["best_k"] = best_k
         if best_k == 0:
-            self.chosen.append(0.0)
             return torch.zeros(rows, dtype=torch.long, device=ctx.context_len.device)
         return torch.full((rows,), self.cap, dtype=torch.long, device=ctx.context_len.device)
 
     def _calibrated_path(self, tree: DraftTree) -> torch.Tensor:
         if tree.width == 0:
             return torch.zeros(tree.batch, 0)
-        acc = self.acceptance.predict(tree.draft_prob.float(), tree.depth.clamp(min=1)).clamp(1e-6, 1.0)
+        alpha = torch.as_tensor(self._step.get("alpha", [self.row_prior] * tree.batch), dtype=torch.float32)
+        parents = torch.where(tree.valid, tree.parents, -2 - torch.arange(tree.width, device=tree.parents.device))
+        acc = self._acceptance(tree.draft_prob.float(), tree.depth.clamp(min=1),
+                               alpha.to(tree.draft_prob.device)[:, None].expand_as(tree.draft_prob), parents)
+        acc = acc.clamp(1e-6, 1.0)
         logp = torch.log(acc).masked_fill(~tree.valid, 0.0)
         anc = tree.ancestors().float()
         return torch.exp(torch.bmm(anc, logp[:, :, None])[:, :, 0]).masked_fill(~tree.valid, 0.0)
 
+    def _acceptance(self, draft_prob: torch.Tensor, depth: torch.Tensor, row_alpha: torch.Tensor,
+                    parent: torch.Tensor) -> torch.Tensor:
+        """Calibrated acceptance. Until the calibration has data, each node's *top* child leans on
+        its row's running acceptance rate (a high-entropy draft whose argmax agrees would otherwise
+        never be tried); lower-ranked siblings keep the calibrated estimate, since at most one
+        sibling can be accepted."""
+        pred = self.acceptance.predict(draft_prob, depth).to(draft_prob.device)
+        n = float(self.acceptance.n.sum()) if hasattr(self.acceptance, "n") else 0.0
+        w = n / (n + self.calibration_warmup)
+        c = draft_prob.shape[1]
+        same = parent[:, :, None] == parent[:, None, :]
+        idx = torch.arange(c, device=draft_prob.device)
+        better = (draft_prob[:, None, :] > draft_prob[:, :, None]) | (
+            (draft_prob[:, None, :] == draft_prob[:, :, None]) & (idx[None, None, :] < idx[None, :, None]))
+        top = ~(same & better).any(-1)
+        blend = w * pred + (1 - w) * row_alpha.to(pred.dtype)
+        return torch.where(top, torch.maximum(blend, pred), pred)
+
     def choose(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._probe:
+            return DraftPolicy.choose(self, ctx)
         st = self._step
         b, c = ctx.cand_path_prob.shape
         dev = ctx.cand_path_prob.device
@@ -116,7 +165,9 @@ class AdaptivePlanner(DraftPolicy):
         parent = ctx.cand_parent if ctx.cand_parent is not None else torch.full((b, c), -1, device=dev)
         par_val = torch.where(parent >= 0, node_path.gather(1, parent.clamp(min=0)) if tree.width else
                               torch.ones(b, c, device=dev), torch.ones(b, c, device=dev))
-        a = self.acceptance.predict(ctx.cand_prob.float(), torch.full_like(parent, ctx.level)).to(dev)
+        alpha_rows = torch.as_tensor(st["alpha"], dtype=torch.float32, device=dev)[:, None].expand(b, c)
+        cand_parent = torch.where(ctx.cand_path_prob > 0, parent, -2 - torch.arange(c, device=dev))
+        a = self._acceptance(ctx.cand_prob.float(), torch.full_like(parent, ctx.level), alpha_rows, cand_parent)
         v = (par_val * a).masked_fill(ctx.cand_path_prob <= 0, 0.0)
         v = torch.cummin(v, dim=1).values  # a row's candidates are taken in the drafter's order
         allowed = (ctx.max_depth >= ctx.level)
@@ -164,8 +215,8 @@ class AdaptivePlanner(DraftPolicy):
     def select(self, tree: DraftTree, ctx: StepContext) -> torch.Tensor:
         """Final budget over everything drafted: per-row top-N connected subtrees, N by goodput."""
         st = self._step
-        if tree.width == 0 or not st:
-            return tree.valid
+        if tree.width == 0 or not st or self._probe:
+            return tree.valid  # a probe is verified as drafted, to measure it
         values = self._calibrated_path(tree).to(tree.tokens.device)
         spent = self.latency.overhead + self._draft_cost(st["rows"], 1, st["context"]) * (1 + st["draft_levels"])
         keep, _, t = goodput_budget(tree, values, torch.as_tensor(st["verify"]), spent)
@@ -176,6 +227,9 @@ class AdaptivePlanner(DraftPolicy):
     def observe(self, outcome: StepOutcome) -> None:
         tree = outcome.tree
         st = self._step
+        self.idle_steps = 0 if tree.width else self.idle_steps + 1
+        if not tree.width:
+            self.chosen.append(0.0)
         if tree.width:
             tested = outcome.tested & tree.valid
             if bool(tested.any()):
@@ -194,6 +248,7 @@ class AdaptivePlanner(DraftPolicy):
             q = 1 + (int(tree.valid.sum(1).max()) if tree.width else 0)
             context = st["context"]
             self.latency.observe("target", st["rows"], q, context, outcome.verify_time)
+            self.observed.add(st["rows"], q, outcome.verify_time)
 
 
 class SmartSpec(AdaptivePlanner):
@@ -203,8 +258,9 @@ class SmartSpec(AdaptivePlanner):
     differences: every row drafts the same ``k`` each step.
     """
 
-    def __init__(self, latency: LatencyModel, acceptance: AcceptanceModel | None = None, max_depth: int = 8):
-        super().__init__(latency, acceptance, tree=False, max_depth=max_depth)
+    def __init__(self, latency: LatencyModel, acceptance: AcceptanceModel | None = None, max_depth: int = 8,
+                 observed: "ObservedCosts | None" = None):
+        super().__init__(latency, acceptance, tree=False, max_depth=max_depth, observed=observed)
         self.name = "smartspec"
 
     def max_depth(self, ctx: StepContext) -> torch.Tensor:
@@ -237,6 +293,25 @@ class SmartSpec(AdaptivePlanner):
             if tested:
                 rate = int((outcome.accepted & tree.valid).sum()) / tested
                 self.alpha[0] = 0.8 * self.alpha.get(0, self.row_prior) + 0.2 * rate
+
+
+class ObservedCosts:
+    """EMA of measured verify times per (rows, query tokens per row), shared across calls."""
+
+    def __init__(self, ema: float = 0.3, min_count: int = 1, confirm: int = 3):
+        self.ema, self.min_count, self.confirm = ema, min_count, confirm
+        self.table: dict[tuple[int, int], tuple[float, int]] = {}
+
+    def add(self, rows: int, q: int, seconds: float) -> None:
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return
+        prev, n = self.table.get((rows, q), (seconds, 0))
+        self.table[(rows, q)] = ((1 - self.ema) * prev + self.ema * seconds if n else seconds, n + 1)
+
+    def get(self, rows: int, q: int) -> tuple[float, int] | None:
+        """(EMA seconds, observations) once seen ``min_count`` times, else None."""
+        value, n = self.table.get((rows, q), (0.0, 0))
+        return (value, n) if n >= self.min_count else None
 
 
 # ---------------------------------------------------------------------------------------- factory
