@@ -179,9 +179,14 @@ def test_errors(models):
     with pytest.raises(ValueError, match="unknown draft_policy"):
         target.generate(**base, assistant_model=draft, draft_policy="bogus")
     nocache = copy.deepcopy(draft)
-    nocache.config.use_cache = False
+    nocache.forward = lambda input_ids, attention_mask=None: None  # a forward that takes no cache
     with pytest.raises(ValueError, match="KV cache"):
         target.generate(**base, assistant_model=nocache)
+    defaults_off = copy.deepcopy(draft)  # use_cache=False is only a config default: still works
+    defaults_off.config.use_cache = False
+    out = target.generate(input_ids=ids, max_new_tokens=4, adaptive=True, assistant_model=defaults_off,
+                          draft_policy="static-2")
+    assert torch.equal(out, target.generate(input_ids=ids, max_new_tokens=4))
     flash = copy.deepcopy(draft)
     flash.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="sdpa"):
