@@ -89,10 +89,21 @@ def random_shapes(seed: int, max_depth: int = 4, max_width: int = 2) -> ShapeFun
     return ShapeFunction(fn, max_children=max_width)
 
 
+class AlwaysBehind(SLOPlanner):
+    """Every request with a TPOT objective is behind its track but can still meet it, whatever the
+    machine's speed: phase 1 runs deterministically inside the real engine loop."""
+
+    def max_depth(self, ctx):
+        slo_rows = torch.isfinite(ctx.tpot)
+        ctx.tokens_needed = torch.where(slo_rows, 3.0, 0.0)
+        ctx.rate_needed = torch.where(slo_rows, 1.5, 0.0)
+        return super().max_depth(ctx)
+
+
 POLICIES = {
     "shapes": lambda: random_shapes(5),
-    "slo": lambda: SLOPlanner(synthetic_latency()),
-    "slo-tree": lambda: SLOPlanner(synthetic_latency(), tree=True, max_depth=4),
+    "slo": lambda: AlwaysBehind(synthetic_latency()),
+    "slo-tree": lambda: AlwaysBehind(synthetic_latency(), tree=True, max_depth=4),
 }
 
 
@@ -335,7 +346,8 @@ def test_ttft_deadline_admitted_first():
 def test_slo_phase_gives_nodes_to_the_row_behind():
     """Verify cost doubles from 1 to 4 tokens per row: for the batch's goodput one good tree among
     junk ones does not pay, but for a row behind its TPOT track it raises its own token rate."""
-    planner = SLOPlanner(synthetic_latency(verify_growth=0.00125))
+    planner = SLOPlanner(synthetic_latency(verify_growth=0.00125), row_prior=0.05, probe_every=0)
+    planner.alpha[1] = 0.9  # the row's running acceptance rate
     tree = DraftTree.from_lists([[5, 6, 7]] * 4, [[-1, 0, 1]] * 4)
     probs = torch.tensor([[0.05, 0.05, 0.05], [0.9, 0.8, 0.7], [0.05, 0.05, 0.05], [0.05, 0.05, 0.05]])
     tree.draft_prob = probs * tree.valid
@@ -343,7 +355,7 @@ def test_slo_phase_gives_nodes_to_the_row_behind():
     def ctx(need):
         return ServingStepContext(rows=4, context_len=torch.full((4,), 20), remaining=torch.full((4,), 50),
                                   sampling=False, step=1, row_ids=torch.arange(4), tpot=torch.full((4,), 0.01),
-                                  tokens_needed=torch.tensor(need))
+                                  tokens_needed=torch.tensor(need), rate_needed=torch.tensor(need) / 2)
 
     c = ctx([0.0, 0.0, 0.0, 0.0])
     planner.max_depth(c)
@@ -355,6 +367,10 @@ def test_slo_phase_gives_nodes_to_the_row_behind():
     keep = planner.select(tree, c)
     assert int(keep[1].sum()) > 0 and planner.slo_nodes > 0
     # (the others' nodes are then free: the verify pass is as wide as its widest row)
+    hopeless = ctx([0.0, 3.0, 0.0, 0.0])
+    hopeless.rate_needed = torch.tensor([0.0, 100.0, 0.0, 0.0])  # cannot meet its TPOT any more
+    planner.max_depth(hopeless)
+    assert not planner.select(tree, hopeless).any()  # best effort, like everyone else
     tree.select(keep)  # closed under ancestors
 
 

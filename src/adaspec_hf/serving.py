@@ -45,6 +45,7 @@ from .kvstate import check_cache_support
 from .planner import AdaptivePlanner, SmartSpec
 from .policies import DraftPolicy, Heuristic, LevelContext, StepContext
 from .processing import Processing
+from .selection import best_prefix, top_n_subtree
 from .slo import SLO
 from .tree import DraftTree
 
@@ -95,6 +96,8 @@ class ServingStepContext(StepContext):
     tpot: torch.Tensor | None = None  # (B,) seconds per token; inf = no TPOT objective
     tokens_needed: torch.Tensor | None = None  # (B,) expected tokens this step must emit to stay on track
     step_time: float = 0.0  # estimated seconds of this step
+    rate_needed: torch.Tensor | None = None  # (B,) tokens per step needed from now on to still meet the
+    #                                          TPOT objective at max_new_tokens (inf: can no longer)
 
 
 def _cut_tokens(r: _Request, toks: list[int], tokenizer=None) -> tuple[list[int], str | None]:
@@ -211,17 +214,21 @@ class _Rows(RowSource):
         eng = self.engine
         now = time.perf_counter()
         tau = eng._step_ema
-        tpot, need = [], []
+        tpot, need, rate = [], [], []
         for r in self.reqs(kw["row_ids"]):
             t = r.slo.tpot if r.slo is not None else math.inf
             tpot.append(t)
             if math.isfinite(t) and r.t_first is not None:
                 need.append(1.0 + (now + tau - r.t_first) / t - r.n_gen)
+                left = r.t_first + (r.max_new - 1) * t - now
+                rate.append((r.max_new - r.n_gen) * tau / left if left > 0 else math.inf)
             else:
                 need.append(0.0)
+                rate.append(0.0)
         dev = kw["context_len"].device
         return ServingStepContext(**kw, tpot=torch.tensor(tpot, device=dev),
-                                  tokens_needed=torch.tensor(need, device=dev), step_time=tau)
+                                  tokens_needed=torch.tensor(need, device=dev), step_time=tau,
+                                  rate_needed=torch.tensor(rate, device=dev))
 
     def commit(self, rid, emitted, n_emit, scores, raw, source):
         now = time.perf_counter()
@@ -247,18 +254,19 @@ class SLOPlanner(AdaptivePlanner):
     """AdaServe's speculate -> select -> verify on top of :class:`AdaptivePlanner`'s goodput model.
 
     Each step, a row with a TPOT objective that is behind its track (it needs more than the one token
-    a step always yields: ``tokens_needed = elapsed / tpot - produced`` at the end of the step) is
-    served first:
+    a step always yields: ``tokens_needed = elapsed / tpot - produced`` at the end of the step) and
+    can still meet it is served first:
 
     * Draft: such rows draft (at least) while their calibrated expected tokens fall short of the need
       and one more level raises *their own* predicted token rate (expected tokens / step time).
     * Select, phase 1: neediest row first, each gets the prefix of its nodes (by calibrated path
       probability) that maximises its own token rate, up to the node that covers its need, within
-      ``token_budget`` nodes per step. Speculation that would slow a row down is never forced.
+      ``token_budget`` phase-1 nodes per step. Speculation that would slow a row down is never forced.
     * Select, phase 2: the remaining nodes of all rows, best path probability first, while the
       batch's predicted goodput (expected tokens / predicted step time) rises.
 
-    Rows without an SLO, or on track, are best effort at maximal goodput (plain AdaptivePlanner).
+    Rows without an SLO, on track, or past saving are best effort at maximal goodput: then the step
+    is exactly :class:`AdaptivePlanner`'s. The draft cost is corrected online too (phase 1 leans on it).
     """
 
     def __init__(self, latency, acceptance=None, *, tree: bool = False, max_depth: int = 12,
@@ -272,10 +280,17 @@ class SLOPlanner(AdaptivePlanner):
         super().reset()
         self._need: torch.Tensor | None = None
         self.slo_nodes = 0  # nodes selected by phase 1 (statistics)
-        self.behind_rows = 0  # row-steps that were behind their TPOT track
+        self.behind_rows = 0  # row-steps behind their TPOT track that phase 1 served
 
     def forget(self, row_id: int) -> None:
         self.alpha.pop(row_id, None)
+
+    def observe(self, outcome) -> None:
+        super().observe(outcome)
+        st = self._step
+        if st and st.get("drafted"):  # correct the draft cost too: phase 1 leans on it
+            forwards = 1 + st.get("draft_levels", 0)
+            self.latency.observe("draft", st["rows"], 1, st["context"], outcome.draft_time / forwards)
 
     # ------------------------------------------------------------------------------ helpers
     def _verify_at(self, q: int) -> float:
@@ -300,10 +315,16 @@ class SLOPlanner(AdaptivePlanner):
     # ----------------------------------------------------------------------------- decisions
     def max_depth(self, ctx: StepContext) -> torch.Tensor:
         depth = super().max_depth(ctx)
+        self._need = None
         if len(self.chosen) > 4096:
             del self.chosen[:-1024]
+        if not self._probe:  # a probe step is measured as the base planner drafted it
+            depth = self._slo_depth(ctx, depth)
+        self._step["drafted"] = bool((depth > 0).any())
+        return depth
+
+    def _slo_depth(self, ctx: StepContext, depth: torch.Tensor) -> torch.Tensor:
         need = getattr(ctx, "tokens_needed", None)
-        self._need = None
         if need is None:
             return depth
         extra = (need.float().cpu() - 1.0).clamp(min=0.0)
@@ -319,13 +340,20 @@ class SLOPlanner(AdaptivePlanner):
         gains = np.cumsum(alpha[:, None] ** ks[None, :], axis=1)
         pays = ((1.0 + gains) / times[None, :]).max(1) > 1.0 / (self.latency.overhead + verify[0])
         behind = (extra > 0) & torch.as_tensor(pays)
-        self.behind_rows += int((extra > 0).sum())
+        # a row that cannot meet its objective any more (even at its best plausible tokens per step)
+        # is served best effort: phase 1 is for the requests it can still save
+        rate = getattr(ctx, "rate_needed", None)
+        if rate is not None:
+            behind &= rate.float().cpu() <= torch.as_tensor(1.0 + gains[:, -1], dtype=torch.float32)
         if not bool(behind.any()):
             return depth
+        self.behind_rows += int(behind.sum())
         self._need = torch.where(behind, extra, torch.zeros_like(extra))
         return torch.where(behind.to(depth.device), torch.full_like(depth, self.cap), depth)
 
     def _candidate_values(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Calibrated path values of this level's candidates (as the base planner computes them) and
+        each row's expected tokens from the nodes drafted so far."""
         b, c = ctx.cand_path_prob.shape
         dev = ctx.cand_path_prob.device
         tree = ctx.tree
@@ -333,7 +361,9 @@ class SLOPlanner(AdaptivePlanner):
         ones = torch.ones(b, c, device=dev)
         parent = ctx.cand_parent if ctx.cand_parent is not None else torch.full((b, c), -1, device=dev)
         par_val = torch.where(parent >= 0, node_path.gather(1, parent.clamp(min=0)) if tree.width else ones, ones)
-        a = self.acceptance.predict(ctx.cand_prob.float(), torch.full_like(parent, ctx.level)).to(dev)
+        alpha_rows = torch.as_tensor(self._step["alpha"], dtype=torch.float32, device=dev)[:, None].expand(b, c)
+        cand_parent = torch.where(ctx.cand_path_prob > 0, parent, -2 - torch.arange(c, device=dev))
+        a = self._acceptance(ctx.cand_prob.float(), torch.full_like(parent, ctx.level), alpha_rows, cand_parent)
         v = (par_val * a).masked_fill(ctx.cand_path_prob <= 0, 0.0)
         v = torch.cummin(v, dim=1).values * (ctx.max_depth >= ctx.level)[:, None]
         have = node_path.sum(1) if tree.width else torch.zeros(b, device=dev)
@@ -342,7 +372,7 @@ class SLOPlanner(AdaptivePlanner):
     def choose(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
         levels_before = self._step.get("draft_levels", 0)
         n_add, n_exp = super().choose(ctx)
-        if self._need is None:
+        if self._need is None or self._probe:
             return n_add, n_exp
         st = self._step
         st["draft_levels"] = levels_before  # re-decided below with the SLO rows included
@@ -381,69 +411,53 @@ class SLOPlanner(AdaptivePlanner):
                 if more > now:
                     exp_l[r] = max(exp_l[r], min(k, e))
         n_add = torch.tensor(add_l, dtype=n_add.dtype, device=n_add.device)
-        n_exp = torch.tensor(exp_l, dtype=n_exp.dtype, device=n_exp.device)
-        n_exp = torch.minimum(n_exp, n_add)
+        n_exp = torch.minimum(torch.tensor(exp_l, dtype=n_exp.dtype, device=n_exp.device), n_add)
         if bool((n_exp > 0).any()):
             st["draft_levels"] = levels_before + 1
         return n_add, n_exp
 
     def select(self, tree: DraftTree, ctx: StepContext) -> torch.Tensor:
-        if tree.width == 0 or not self._step:
-            return tree.valid
+        st = self._step
+        if tree.width == 0 or not st or self._probe or self._need is None:
+            return super().select(tree, ctx)
         b, n = tree.tokens.shape
         dev = tree.tokens.device
-        path = self._calibrated_path(tree).to(dev).masked_fill(~tree.valid, 0.0)
-        order = torch.argsort(-path, dim=1, stable=True)  # ties: parents (lower index) first
-        sv = path.gather(1, order)
-        svalid = tree.valid.gather(1, order)
+        # calibrated path values never grow from a node to its children: a row's best k nodes form
+        # a connected subtree, so "k nodes" is the whole decision per row
+        values = self._calibrated_path(tree).to(dev).masked_fill(~tree.valid, 0.0)
+        sv = torch.sort(values, dim=1, descending=True, stable=True).values
         cum = torch.cumsum(sv, dim=1)
-        budget = self.token_budget if self.token_budget is not None else b * n
         spent = self._spent()
-        # phase 1: SLO rows behind their track, neediest first, as many nodes as raise their own rate
-        forced = torch.zeros(b, dtype=torch.long, device=dev)
-        if self._need is not None:
-            need_l = self._need.tolist()
-            sv_l, ok_l = sv.tolist(), svalid.tolist()
-            used, width = 0, 0
-            for r in sorted(range(b), key=lambda i: -need_l[i]):
-                if need_l[r] <= 0 or used >= budget:
+        budget = self.token_budget if self.token_budget is not None else b * n
+        # phase 1: rows behind their track, neediest first, as many nodes as raise their own rate
+        need_l, sv_l = self._need.tolist(), sv.tolist()
+        forced = [0] * b
+        used, width = 0, 0
+        for r in sorted(range(b), key=lambda i: -need_l[i]):
+            if need_l[r] <= 0 or used >= budget:
+                break
+            vals, acc = [], 0.0
+            for x in sv_l[r]:
+                if x < self.min_node_value or acc >= need_l[r] or used + len(vals) >= budget:
                     break
-                vals, acc = [], 0.0
-                for x, ok in zip(sv_l[r], ok_l[r]):
-                    if not ok or x < self.min_node_value or acc >= need_l[r] or used + len(vals) >= budget:
-                        break
-                    vals.append(x)
-                    acc += x
-                k = self._best_prefix(vals, 0.0, 0, width, spent)
-                forced[r] = k
-                used += k
-                width = max(width, k)
-        # phase 2: every remaining node across the batch, best first, while goodput rises
+                vals.append(x)
+                acc += x
+            k = self._best_prefix(vals, 0.0, 0, width, spent)
+            forced[r] = k
+            used += k
+            width = max(width, k)
+        self.slo_nodes += used
+        f = torch.tensor(forced, dtype=torch.long, device=dev)
+        # phase 2: every remaining node of every row, best first, while the batch's goodput rises
         ar = torch.arange(n, device=dev)[None, :]
-        rest = svalid & (ar >= forced[:, None]) & (sv > 0)
-        flat = torch.where(rest, sv, torch.zeros_like(sv)).reshape(-1)
-        k_rest = min(int(rest.sum()), max(budget - int(forced.sum()), 0))
-        top = torch.argsort(flat, descending=True, stable=True)[:k_rest]
-        onehot = torch.zeros(k_rest + 1, b, device=dev)
-        if k_rest:
-            onehot[1:] = torch.nn.functional.one_hot(top // n, b).float()
-        counts = torch.cumsum(onehot, 0) + forced[None, :].float()
-        verify = torch.as_tensor(self._step["verify"], dtype=torch.float32, device=dev)
-        q_idx = counts.max(1).values.long().clamp(max=len(verify) - 1)
-        base = float(b) + float(torch.where(forced > 0, cum.gather(1, (forced - 1).clamp(min=0)[:, None])[:, 0],
+        src = (ar + f[:, None]).clamp(max=n - 1)
+        rest = torch.where(ar + f[:, None] < n, sv.gather(1, src), torch.zeros_like(sv))
+        base = float(b) + float(torch.where(f > 0, cum.gather(1, (f - 1).clamp(min=0)[:, None])[:, 0],
                                             torch.zeros(b, device=dev)).sum())
-        tokens = base + torch.cat([torch.zeros(1, device=dev), torch.cumsum(flat[top], 0)])
-        times = spent + verify[q_idx]
-        best = int(torch.argmax(tokens / times))
-        self.last_predicted_time = float(times[best])
-        extra = onehot[1: best + 1].sum(0).long() if best else torch.zeros_like(forced)
-        take = forced + extra
-        self.slo_nodes += int(forced.sum())
-        keep_sorted = ar < take[:, None]
-        keep = torch.zeros_like(tree.valid)
-        keep.scatter_(1, order, keep_sorted & svalid)
-        anc = tree.ancestors()  # close under ancestors (ties in path value could orphan a node)
-        return (anc & keep[:, :, None]).any(1) & tree.valid
+        extra, _, t = best_prefix(rest, f.float(), base, torch.as_tensor(st["verify"]), spent)
+        self.last_predicted_time = t
+        return top_n_subtree(tree, values, f + extra)
+
 
 def make_engine_policy(policy: "str | DraftPolicy", target, draft) -> DraftPolicy:
     """A policy by name: ``"slo"`` / ``"slo-tree"`` (:class:`SLOPlanner`) or any registry name."""
