@@ -347,6 +347,7 @@ def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, sett
     for name, m in (("target", target), ("draft", draft)):
         for k, v in ids.items():
             setattr(m.config, k, v)
+        m.config.use_cache = True  # training turned it off; inference wants the KV cache
         m.generation_config = GenerationConfig(**ids)
         m.save_pretrained(out / name)
         tok.save_pretrained(out / name)
