@@ -266,7 +266,7 @@ class SLOPlanner(AdaptivePlanner):
       batch's predicted goodput (expected tokens / predicted step time) rises.
 
     Rows without an SLO, on track, or past saving are best effort at maximal goodput: then the step
-    is exactly :class:`AdaptivePlanner`'s. The draft cost is corrected online too (phase 1 leans on it).
+    is exactly :class:`AdaptivePlanner`'s (same latency and acceptance models, same corrections).
     """
 
     def __init__(self, latency, acceptance=None, *, tree: bool = False, max_depth: int = 12,
@@ -284,13 +284,6 @@ class SLOPlanner(AdaptivePlanner):
 
     def forget(self, row_id: int) -> None:
         self.alpha.pop(row_id, None)
-
-    def observe(self, outcome) -> None:
-        super().observe(outcome)
-        st = self._step
-        if st and st.get("drafted"):  # correct the draft cost too: phase 1 leans on it
-            forwards = 1 + st.get("draft_levels", 0)
-            self.latency.observe("draft", st["rows"], 1, st["context"], outcome.draft_time / forwards)
 
     # ------------------------------------------------------------------------------ helpers
     def _verify_at(self, q: int) -> float:
@@ -320,7 +313,6 @@ class SLOPlanner(AdaptivePlanner):
             del self.chosen[:-1024]
         if not self._probe:  # a probe step is measured as the base planner drafted it
             depth = self._slo_depth(ctx, depth)
-        self._step["drafted"] = bool((depth > 0).any())
         return depth
 
     def _slo_depth(self, ctx: StepContext, depth: torch.Tensor) -> torch.Tensor:
