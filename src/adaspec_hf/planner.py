@@ -65,6 +65,7 @@ class AdaptivePlanner(DraftPolicy):
 
     def reset(self) -> None:
         self.alpha: dict[int, float] = {}  # per-row EMA of the acceptance rate of drafted nodes
+        self.first_value: dict[int, float] = {}  # per-row EMA of the best level-1 candidate's value
         self.idle_steps = 0
         self.probes = 0
         self._probe = 0
@@ -97,6 +98,9 @@ class AdaptivePlanner(DraftPolicy):
         context = float(ctx.context_len.float().mean())
         ids = ctx.row_ids.tolist() if ctx.row_ids is not None else list(range(rows))
         alpha = np.asarray([self.alpha.get(r, self.row_prior) for r in ids])
+        # look ahead with what level-1 decisions have been seeing, so we do not pay a draft forward
+        # whose candidates the stepwise rule then rejects
+        lead = np.asarray([min(self.alpha.get(r, self.row_prior), self.first_value.get(r, 1.0)) for r in ids])
         width = self.cap * self.max_children
         verify = self._costs(rows, context, 1 + width)
         self._step = {"rows": rows, "context": context, "verify": verify, "draft_levels": 0,
@@ -104,7 +108,7 @@ class AdaptivePlanner(DraftPolicy):
         # Optimistic look-ahead with each row's running acceptance: would any chain length pay?
         best_k, best_g = 0, rows / (self.latency.overhead + verify[0])
         for k in range(1, self.cap + 1):
-            exp_tokens = float(np.sum((alpha[:, None] ** np.arange(1, k + 1)[None, :]).sum(1))) + rows
+            exp_tokens = float(np.sum((lead[:, None] * alpha[:, None] ** np.arange(0, k)[None, :]).sum(1))) + rows
             t = (self.latency.overhead + k * self._draft_cost(rows, 1, context) + verify[k])
             if exp_tokens / t > best_g:
                 best_k, best_g = k, exp_tokens / t
@@ -170,6 +174,10 @@ class AdaptivePlanner(DraftPolicy):
         a = self._acceptance(ctx.cand_prob.float(), torch.full_like(parent, ctx.level), alpha_rows, cand_parent)
         v = (par_val * a).masked_fill(ctx.cand_path_prob <= 0, 0.0)
         v = torch.cummin(v, dim=1).values  # a row's candidates are taken in the drafter's order
+        if ctx.level == 1 and c:
+            ids = ctx.step.row_ids.tolist() if ctx.step.row_ids is not None else list(range(b))
+            for r, best_v in zip(ids, v[:, 0].tolist()):
+                self.first_value[r] = 0.7 * self.first_value.get(r, best_v) + 0.3 * best_v
         allowed = (ctx.max_depth >= ctx.level)
         v = v * allowed[:, None]
         have_n = tree.valid.sum(1) if tree.width else torch.zeros(b, dtype=torch.long, device=dev)
