@@ -90,7 +90,7 @@ class Recipe:
     cost_repeats: int = 100
     min_ratio: float = 8.0                # required target/draft forward cost ratio
     aim_ratio: float = 12.0               # grow the target until this (margin for timing noise)
-    max_grow_factor: float = 2.0          # at most this many times the trained layers in total
+    max_grow_factor: float = 4.0          # at most this many times the trained layers in total
     min_agreement: float = 0.6
 
 
@@ -572,51 +572,59 @@ def _time_schedule(optimizer, budget_s: float, max_steps: int, warmup_steps: int
 
 
 class _ThreadTuner:
-    """Picks the faster of ``torch.get_num_threads()`` and 1 thread from measured step times, and
-    re-checks after ``period`` steps (doubling the wait after each probe that loses). On a shared,
-    busy CPU, 2+ OpenMP threads can be several times slower than 1 (barrier spinning while cores are
-    taken by others); on a quiet one they are faster."""
+    """Follows the faster of ``torch.get_num_threads()`` threads and 1 thread, from measured step times.
 
-    def __init__(self, period: int = 30, probe: int = 3, max_period: int = 480):
+    On a shared, busy CPU, 2+ OpenMP threads can be several times slower than 1 (barrier spinning
+    while other processes hold the cores); on a quiet machine they are faster. The other setting is
+    probed for a few steps (aborted at once if clearly slower); the wait between probes doubles
+    after each probe, and a probe comes early when the current setting gets much slower.
+    """
+
+    def __init__(self, first: int = 3, period: int = 30, probe: int = 3, max_period: int = 480):
         self.full = torch.get_num_threads()
         self.choices = [self.full, 1] if self.full > 1 else [self.full]
-        self.period, self.probe, self.min_period, self.max_period = period, probe, period, max_period
-        self.next_probe = 8
+        self.period, self.probe, self.max_period = period, probe, max_period
+        self.next_probe = first
         self.current = self.full
-        self.times: dict[int, list[float]] = {c: [] for c in self.choices}
-        self.probing_left = 0
-        self.t0 = 0.0
+        self.recent: list[float] = []   # step times of the current setting
+        self.baseline = None            # its median when last decided
+        self.probe_times: list[float] | None = None
         self.switches = 0
+        self._step, self.t0 = 0, 0.0
+
+    def _ref(self) -> float:
+        return statistics.median(self.recent[-self.probe:]) if self.recent else float("inf")
 
     def begin(self, step: int) -> None:
-        if len(self.choices) > 1 and self.probing_left == 0 and step >= self.next_probe:
-            other = self.choices[1] if self.current == self.choices[0] else self.choices[0]
-            self.times[other] = []
-            self.resume = self.current
-            self.current, self.probing_left = other, self.probe + 1  # +1: first step is a warm-up
-        torch.set_num_threads(self.current)
         self._step = step
+        slowed = self.baseline is not None and len(self.recent) >= self.probe and \
+            self._ref() > 1.5 * self.baseline
+        if len(self.choices) > 1 and self.probe_times is None and (step >= self.next_probe or slowed):
+            self.probe_times = []
+            torch.set_num_threads(self.choices[1] if self.current == self.choices[0] else self.choices[0])
+        elif self.probe_times is None:
+            torch.set_num_threads(self.current)
         self.t0 = time.perf_counter()
 
     def end(self) -> None:
         dt = time.perf_counter() - self.t0
-        if self.probing_left:
-            self.probing_left -= 1
-            if self.probing_left < self.probe:
-                self.times[self.current].append(dt)
-            if self.probing_left == 0:
-                mine = statistics.median(self.times[self.current])
-                theirs = statistics.median(self.times[self.resume][-self.probe:] or [float("inf")])
-                if mine >= theirs:
-                    self.current = self.resume
-                    self.period = min(self.max_period, 2 * self.period)
-                else:
-                    self.switches += 1
-                    self.period = self.min_period
-                self.next_probe = self._step + self.period
-        else:
-            self.times[self.current].append(dt)
-            self.times[self.current] = self.times[self.current][-self.probe:]
+        if self.probe_times is None:
+            self.recent = (self.recent + [dt])[-2 * self.probe:]
+            return
+        self.probe_times.append(dt)
+        ref = self._ref()
+        lost = dt > 2.0 * ref  # clearly slower (even counting warm-up): stop probing now
+        if lost or len(self.probe_times) > self.probe:  # first probe step is a warm-up
+            mine = statistics.median(self.probe_times[1:]) if not lost else float("inf")
+            if mine < ref:
+                self.current = torch.get_num_threads()
+                self.recent = self.probe_times[1:]
+                self.switches += 1
+            torch.set_num_threads(self.current)
+            self.baseline = self._ref()
+            self.period = min(self.max_period, 2 * self.period)
+            self.next_probe = self._step + self.period
+            self.probe_times = None
 
     def restore(self) -> None:
         torch.set_num_threads(self.full)
