@@ -63,6 +63,11 @@ class AdaptivePlanner(DraftPolicy):
         self.calibration_warmup = calibration_warmup
         self.reset()
 
+    @property
+    def prior(self) -> float:
+        """Prior acceptance rate of a new row: the pair's running rate, carried across calls."""
+        return getattr(self.acceptance, "running_rate", self.row_prior)
+
     def reset(self) -> None:
         self.alpha: dict[int, float] = {}  # per-row EMA of the acceptance rate of drafted nodes
         self.first_value: dict[int, float] = {}  # per-row EMA of the best level-1 candidate's value
@@ -97,10 +102,10 @@ class AdaptivePlanner(DraftPolicy):
         rows = ctx.rows
         context = float(ctx.context_len.float().mean())
         ids = ctx.row_ids.tolist() if ctx.row_ids is not None else list(range(rows))
-        alpha = np.asarray([self.alpha.get(r, self.row_prior) for r in ids])
+        alpha = np.asarray([self.alpha.get(r, self.prior) for r in ids])
         # look ahead with what level-1 decisions have been seeing, so we do not pay a draft forward
         # whose candidates the stepwise rule then rejects
-        lead = np.asarray([min(self.alpha.get(r, self.row_prior), self.first_value.get(r, 1.0)) for r in ids])
+        lead = np.asarray([min(self.alpha.get(r, self.prior), self.first_value.get(r, 1.0)) for r in ids])
         width = self.cap * self.max_children
         verify = self._costs(rows, context, 1 + width)
         self._step = {"rows": rows, "context": context, "verify": verify, "draft_levels": 0,
@@ -130,7 +135,7 @@ class AdaptivePlanner(DraftPolicy):
     def _calibrated_path(self, tree: DraftTree) -> torch.Tensor:
         if tree.width == 0:
             return torch.zeros(tree.batch, 0)
-        alpha = torch.as_tensor(self._step.get("alpha", [self.row_prior] * tree.batch), dtype=torch.float32)
+        alpha = torch.as_tensor(self._step.get("alpha", [self.prior] * tree.batch), dtype=torch.float32)
         parents = torch.where(tree.valid, tree.parents, -2 - torch.arange(tree.width, device=tree.parents.device))
         acc = self._acceptance(tree.draft_prob.float(), tree.depth.clamp(min=1),
                                alpha.to(tree.draft_prob.device)[:, None].expand_as(tree.draft_prob), parents)
@@ -250,7 +255,11 @@ class AdaptivePlanner(DraftPolicy):
             n_acc = (outcome.accepted & tree.valid).sum(1).tolist()
             for r, n, a in zip(ids, n_tested, n_acc):
                 if n:
-                    self.alpha[r] = 0.7 * self.alpha.get(r, self.row_prior) + 0.3 * (a / n)
+                    self.alpha[r] = 0.7 * self.alpha.get(r, self.prior) + 0.3 * (a / n)
+            total = sum(n_tested)
+            if total:
+                rate = sum(n_acc) / total
+                self.acceptance.running_rate = 0.9 * self.prior + 0.1 * rate
             self.chosen.append(float(tree.valid.sum(1).float().mean()))
         if st:
             q = 1 + (int(tree.valid.sum(1).max()) if tree.width else 0)
