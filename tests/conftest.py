@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import random
 
 import pytest
 import torch
@@ -65,3 +66,20 @@ def ragged_batch(batch: int, max_len: int, seed: int, min_len: int = 1):
 @pytest.fixture
 def llama_pair():
     return pair("llama")
+
+
+def random_shapes(seed: int, max_depth: int = 5, max_width: int = 3, p_empty: float = 0.2, p_chain: float = 0.3):
+    """A draft policy with random per-row, per-step chain/tree shapes, including nothing drafted."""
+    from adaspec_hf.policies import ShapeFunction, TreeShape
+
+    def fn(step: int, row: int):
+        r = random.Random(seed * 1_000_003 + step * 1009 + row)
+        kind = r.random()
+        if kind < p_empty:
+            return 0
+        if kind < p_empty + p_chain:
+            return r.randint(1, max_depth)
+        depth = r.randint(1, max_depth)
+        adds = [r.randint(1, max_width) for _ in range(depth)]
+        return TreeShape(adds, [r.randint(1, a) for a in adds[:-1]])
+    return ShapeFunction(fn, max_children=max_width)

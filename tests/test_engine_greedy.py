@@ -1,16 +1,15 @@
 """Invariant 1: greedy output is token-identical to the target's own greedy generate."""
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from adaspec_hf.engine import SpeculativeDecoder
-from adaspec_hf.policies import ShapeFunction, StaticChain, TreeShape
+from adaspec_hf.policies import StaticChain
 
-from conftest import ARCHS, pair, ragged_batch
+from conftest import ARCHS, pair, ragged_batch, random_shapes
 
 SETTINGS = dict(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -18,22 +17,6 @@ SETTINGS = dict(max_examples=6, deadline=None, suppress_health_check=list(Health
 def reference(target, ids, mask, n, eos=2):
     return target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                            pad_token_id=0, eos_token_id=eos)
-
-
-def random_shapes(seed: int, max_depth: int = 5, max_width: int = 3):
-    """Random per-row, per-step chain/tree shapes, including nothing drafted."""
-    def fn(step: int, row: int):
-        r = random.Random(seed * 1_000_003 + step * 1009 + row)
-        kind = r.random()
-        if kind < 0.2:
-            return 0
-        if kind < 0.5:
-            return r.randint(1, max_depth)
-        depth = r.randint(1, max_depth)
-        adds = [r.randint(1, max_width) for _ in range(depth)]
-        expands = [r.randint(1, a) for a in adds[:-1]]
-        return TreeShape(adds, expands)
-    return ShapeFunction(fn, max_children=max_width)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

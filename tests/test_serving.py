@@ -10,6 +10,8 @@ import threading
 
 import pytest
 import torch
+
+import conftest
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from adaspec_hf import SLO, Engine, EngineClosed, SLOPlanner
@@ -76,17 +78,7 @@ def confident_draft():
 
 
 def random_shapes(seed: int, max_depth: int = 4, max_width: int = 2) -> ShapeFunction:
-    def fn(step: int, row: int):
-        r = random.Random(seed * 1_000_003 + step * 1009 + row)
-        kind = r.random()
-        if kind < 0.25:
-            return 0
-        if kind < 0.6:
-            return r.randint(1, max_depth)
-        depth = r.randint(1, max_depth)
-        adds = [r.randint(1, max_width) for _ in range(depth)]
-        return TreeShape(adds, [r.randint(1, a) for a in adds[:-1]])
-    return ShapeFunction(fn, max_children=max_width)
+    return conftest.random_shapes(seed, max_depth, max_width, p_empty=0.25, p_chain=0.35)
 
 
 class AlwaysBehind(SLOPlanner):
