@@ -335,9 +335,11 @@ class ObservedCosts:
 _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def planner_state(target, draft) -> tuple[LatencyModel, AcceptanceModel]:
+def planner_state(target, draft, sampling: bool = False) -> tuple[LatencyModel, AcceptanceModel]:
     """Latency model (profiled on this machine, cached on disk) and acceptance calibration for a pair,
-    kept on the target object so that calibration carries over between ``generate`` calls."""
+    kept on the target object so that calibration carries over between ``generate`` calls. Greedy
+    (argmax match) and sampling (min(1, p/q)) acceptance are different quantities: one calibration
+    each, one latency model."""
     per_target = _STATE.setdefault(target, {})
     key = id(draft)
     if key not in per_target:
@@ -345,13 +347,19 @@ def planner_state(target, draft) -> tuple[LatencyModel, AcceptanceModel]:
 
         profile = load_or_profile(target, draft, quick=True)
         per_target[key] = (LatencyModel(profile), AcceptanceModel())
-    return per_target[key]
+    latency, greedy_acc = per_target[key]
+    if not sampling:
+        return latency, greedy_acc
+    skey = (key, "sampling")
+    if skey not in per_target:
+        per_target[skey] = AcceptanceModel()
+    return latency, per_target[skey]
 
 
-def make_planner(name: str, target, draft) -> DraftPolicy:
+def make_planner(name: str, target, draft, sampling: bool = False) -> DraftPolicy:
     if target is None or draft is None:
         raise ValueError(f"draft_policy={name!r} needs both models (it profiles their latency)")
-    latency, acceptance = planner_state(target, draft)
+    latency, acceptance = planner_state(target, draft, sampling)
     if name == "adaptive":
         return AdaptivePlanner(latency, acceptance)
     if name == "adaptive-tree":

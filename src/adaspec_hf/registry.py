@@ -33,5 +33,6 @@ def make_policy(spec, target=None, draft=None, gen_config=None) -> DraftPolicy:
     if name in ("adaptive", "adaptive-tree", "smartspec"):
         from .planner import make_planner  # the efficiency model needs a latency profile
 
-        return make_planner(name, target, draft)
+        sampling = bool(getattr(gen_config, "do_sample", False))
+        return make_planner(name, target, draft, sampling)
     raise ValueError(f"unknown draft_policy {spec!r}; choose one of {', '.join(POLICY_NAMES)}")
