@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from adaspec_hf import pair as P
+from adaspec_hf.hf_compat import cache_kwargs, output_cache
 from adaspec_hf.corpus import load_corpus, stdlib_files
 
 
@@ -156,7 +157,7 @@ def test_grow_identity_layers_preserves_logits():
         assert torch.equal(m(ids).logits, g(ids).logits)
         # also with a KV cache, token by token
         out = g(ids[:, :10], use_cache=True)
-        step = g(ids[:, 10:11], past_key_values=out.past_key_values)
+        step = g(ids[:, 10:11], **cache_kwargs(g, output_cache(out)))
         assert torch.allclose(step.logits[:, -1], m(ids[:, :11]).logits[:, -1], atol=1e-5)
     g2 = P.grow_identity_layers(g, 1)
     assert g2.config.adaspec_identity_layers == [2, 3, 4, 5]

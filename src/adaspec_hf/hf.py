@@ -19,10 +19,12 @@ from transformers import (
     StoppingCriteriaList,
     StopStringCriteria,
 )
-from transformers.generation.candidate_generator import CandidateGenerator
-from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .engine import GenerationStats, SpeculativeDecoder
+from .hf_compat import (
+    CandidateGenerator, candidate_generator_override, decoder_only_output, logits_processors,
+    prepare_generation_config,
+)
 from .kvstate import KVState, check_cache_support
 from .drafter import TreeDrafter
 from .policies import DraftPolicy, StepContext, StepOutcome
@@ -31,7 +33,7 @@ from .registry import make_policy
 
 logger = logging.getLogger("adaspec_hf")
 
-_UNSUPPORTED_MODEL_KWARGS = ("inputs_embeds", "past_key_values", "token_type_ids", "cache_position")
+_UNSUPPORTED_MODEL_KWARGS = ("inputs_embeds", "past_key_values", "cache", "token_type_ids", "cache_position")
 
 
 def enable(model: PreTrainedModel) -> PreTrainedModel:
@@ -81,7 +83,7 @@ def check_vocab(target: PreTrainedModel, draft: PreTrainedModel, tokenizer=None,
 
 
 def _prepare(model: PreTrainedModel, inputs, generation_config, kwargs) -> tuple[GenerationConfig, dict]:
-    gen_config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
+    gen_config, model_kwargs = prepare_generation_config(model, generation_config, kwargs)
     if gen_config.num_beams not in (None, 1):
         raise ValueError(f"adaptive=True does not support beam search (num_beams={gen_config.num_beams})")
     if (gen_config.num_return_sequences or 1) > 1:
@@ -168,10 +170,9 @@ def adaptive_generate(
     if max_new < 1:
         raise ValueError(f"nothing to generate: max_length={gen_config.max_length} <= prompt length {input_len}")
     gen_config.max_length = input_len + max_new
-    processors = model._get_logits_processor(
-        generation_config=gen_config, input_ids_seq_length=input_len, encoder_input_ids=input_ids,
-        prefix_allowed_tokens_fn=None, logits_processor=logits_processor, device=input_ids.device,
-        model_kwargs=model_kwargs,
+    processors = logits_processors(
+        model, gen_config, input_ids, logits_processor, model_kwargs,
+        has_attention_mask=model_kwargs.get("attention_mask") is not None,
     )
     stopping = StoppingCriteriaList(stopping_criteria or [])
     if gen_config.stop_strings is not None:
@@ -188,10 +189,7 @@ def adaptive_generate(
     result = decoder.generate(input_ids, attention_mask, max_new)
     model.adaspec_stats = result.stats
     if gen_config.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(
-            sequences=result.sequences, scores=result.scores, logits=result.logits,
-            attentions=None, hidden_states=None, past_key_values=None,
-        )
+        return decoder_only_output(result.sequences, scores=result.scores, logits=result.logits)
     return result.sequences
 
 
@@ -293,12 +291,5 @@ def _generate_with_candidate_generator(model, original_generate, generator: Cand
         raise ValueError("candidate_generator= needs assistant_model=draft as well (HF picks its loop by it)")
     if isinstance(generator, AdaptiveCandidateGenerator):
         generator.reset()
-    previous = model.__dict__.get("_get_candidate_generator")
-    model._get_candidate_generator = lambda *a, **k: generator
-    try:
+    with candidate_generator_override(model, generator):
         return original_generate(*args, **kwargs)
-    finally:
-        if previous is None:
-            del model._get_candidate_generator
-        else:
-            model._get_candidate_generator = previous

@@ -8,11 +8,12 @@ attention (see DESIGN.md).
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
+
+from .hf_compat import CACHE_ARG_NAMES, cache_arg_name, cache_kwargs, cache_layers, forward_parameters, new_cache
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -59,8 +60,11 @@ def check_cache_support(model: PreTrainedModel) -> None:
         raise ValueError("adaspec-hf supports decoder-only causal LMs; got an encoder-decoder model")
     # config.use_cache=False is only a default (training configs often carry it): the engine passes
     # use_cache=True itself. What matters is that the forward can take and fill a cache.
-    params = inspect.signature(model.forward).parameters
-    for name in ("past_key_values", "position_ids", "attention_mask"):
+    params = forward_parameters(model)
+    if cache_arg_name(model) is None:
+        raise ValueError(f"{type(model).__name__}.forward takes no KV cache argument "
+                         f"({' / '.join(CACHE_ARG_NAMES)}): no KV cache support")
+    for name in ("position_ids", "attention_mask"):
         if name not in params:
             raise ValueError(f"{type(model).__name__}.forward takes no `{name}`: no KV cache support")
     mask_spec_for(model)
@@ -76,11 +80,11 @@ class KVState:
     def __init__(self, model: PreTrainedModel):
         self.model = model
         self.spec = mask_spec_for(model)
-        self.cache = DynamicCache()
+        self.cache = new_cache()
         dev = model.device
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=dev)
         self.pos = torch.zeros(0, 0, dtype=torch.long, device=dev)
-        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._takes_logits_to_keep = "logits_to_keep" in forward_parameters(model)
 
     # ---------------------------------------------------------------- sizes
     @property
@@ -105,7 +109,7 @@ class KVState:
         kwargs = {"logits_to_keep": 1} if self._takes_logits_to_keep else {}
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=self.cache, use_cache=True, **kwargs,
+            **cache_kwargs(self.model, self.cache), **kwargs,
         )
         self.valid = attention_mask.bool()
         self.pos = position_ids
@@ -162,7 +166,7 @@ class KVState:
         mask = self.build_mask(positions, new_visible, old_visible)
         out = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=positions,
-            past_key_values=self.cache, use_cache=True,
+            **cache_kwargs(self.model, self.cache),
         )
         self.valid = torch.cat([self.valid, torch.zeros_like(positions, dtype=torch.bool)], dim=1)
         self.pos = torch.cat([self.pos, positions], dim=1)
@@ -178,7 +182,7 @@ class KVState:
             self.valid[rows[keep], slots[keep]] = True
 
     def _layers(self):
-        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", True)]
+        return cache_layers(self.cache)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (finished requests stop costing compute)."""

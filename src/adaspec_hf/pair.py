@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hf_compat import cache_kwargs, output_cache
+
 logger = logging.getLogger(__name__)
 
 Path = pathlib.Path
@@ -739,7 +741,7 @@ def measure_cost(target, draft, context_ids: torch.Tensor, repeats: int = 40, wa
     for name, m in (("target", target), ("draft", draft)):
         m.eval()
         out = m(input_ids=context_ids, use_cache=True)
-        state[name] = (m, out.past_key_values)
+        state[name] = (m, output_cache(out))
     nxt = context_ids[:, -1:]
     times = {"target": [], "draft": []}
     t_end = time.perf_counter() + max_seconds
@@ -749,7 +751,7 @@ def measure_cost(target, draft, context_ids: torch.Tensor, repeats: int = 40, wa
         for name in ("target", "draft"):
             m, cache = state[name]
             t0 = time.perf_counter()
-            m(input_ids=nxt, past_key_values=cache, use_cache=True)
+            m(input_ids=nxt, **cache_kwargs(m, cache))
             dt = time.perf_counter() - t0
             cache.crop(-1)  # back to the context length (negative: tokens to remove)
             if r >= warmup:

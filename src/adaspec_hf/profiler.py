@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .hf_compat import cache_kwargs, forward_parameters, new_cache
+
 logger = logging.getLogger(__name__)
 
 PROFILE_FORMAT = 1
@@ -308,15 +310,11 @@ class _ModelTimer:
 
     @torch.inference_mode()
     def _prefill(self, context: int) -> Any:
-        from transformers import DynamicCache
-
         if context not in self._prefilled:
-            cache = DynamicCache()
+            cache = new_cache()
             ids = self._ids(1, context)
-            try:
-                self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            except TypeError:  # a model without logits_to_keep
-                self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(self.model) else {}
+            self.model(input_ids=ids, **cache_kwargs(self.model, cache), **extra)
             self._prefilled[context] = cache
         return self._prefilled[context]
 
@@ -342,7 +340,7 @@ class _ModelTimer:
         while i <= self.repeats or (sum(times) < self.min_time_s and i <= 5 * self.repeats):
             _sync(self.device)
             t0 = time.perf_counter()
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(self.model, cache))
             _sync(self.device)
             dt = time.perf_counter() - t0
             del out

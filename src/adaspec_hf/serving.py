@@ -39,6 +39,7 @@ from transformers import (
     GenerationConfig, LogitsProcessorList, PreTrainedModel,
 )
 
+from .hf_compat import logits_processors, prepare_generation_config
 from .engine import GenerationStats, RowBatch, RowSource, SpecStep
 from .serving_handle import Chunk, EngineClosed, RequestHandle, RequestResult
 from .kvstate import check_cache_support
@@ -705,8 +706,8 @@ class Engine:
             raise ValueError(f"unsupported generation arguments {sorted(unknown)}")
         kwargs = {k: v for k, v in sampling.items() if v is not None}
         try:
-            gc, model_kwargs = self.target._prepare_generation_config(
-                generation_config, do_sample=do_sample, max_new_tokens=max_new, **kwargs)
+            gc, model_kwargs = prepare_generation_config(
+                self.target, generation_config, dict(do_sample=do_sample, max_new_tokens=max_new, **kwargs))
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"invalid generation arguments: {e}") from e
         if eos_token_id is not None:
@@ -728,10 +729,7 @@ class Engine:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         try:
             gc.max_length = len(ids) + max_new
-            procs = self.target._get_logits_processor(
-                generation_config=gc, input_ids_seq_length=len(ids), encoder_input_ids=input_ids,
-                prefix_allowed_tokens_fn=None, logits_processor=logits_processor, device=self.device,
-                model_kwargs=model_kwargs)
+            procs = logits_processors(self.target, gc, input_ids, logits_processor, model_kwargs)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"invalid generation arguments: {e}") from e
         proc = Processing(procs, batch_size=1) if len(procs) else None

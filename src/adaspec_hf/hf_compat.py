@@ -1,0 +1,180 @@
+"""Every contact with transformers internals that moves between releases.
+
+Supported range: transformers 5.17 (lowest, tested in CI) up to the newest 5.x. Each helper detects
+the feature it needs (a forward parameter, an output field, a method's parameters) instead of
+comparing version strings, so a release that renames something fails here, in one place, with a
+clear message — and the rest of the package never names the moving part.
+
+What moves, and how each is guarded:
+
+- The KV-cache forward argument: ``past_key_values`` up to 5.23, ``cache`` from 5.24 (the old
+  name still works there through a shim that warns on every call). :func:`cache_kwargs` reads the
+  model's ``forward`` signature once per class and passes the name it declares.
+- The output field holding the cache: ``.past_key_values`` / ``.cache`` (:func:`output_cache`),
+  and the same field in ``GenerateDecoderOnlyOutput`` (:func:`decoder_only_output`).
+- Cache layers: ``DynamicCache().layers[i].keys/.values`` (5.x); layers not yet filled carry
+  ``is_initialized=False`` (:func:`cache_layers`).
+- ``GenerationMixin._prepare_generation_config`` (merging kwargs into a config copy),
+  ``_prepare_special_tokens`` (the ``_eos_token_tensor``/``_pad_token_tensor`` that min-length,
+  bad-words and other processors read; ``generate`` sets them, so callers outside it must too),
+  ``_get_logits_processor`` (HF's kwargs -> processors): :func:`prepare_generation_config`,
+  :func:`logits_processors`. Keyword arguments are filtered by the method's signature, so an
+  added or dropped optional parameter does not break us.
+- The assisted-generation plug point ``_get_candidate_generator`` and the ``CandidateGenerator``
+  base class (:func:`candidate_generator_override`, :data:`CandidateGenerator`).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any, Iterator
+
+import torch
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, PreTrainedModel
+from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+__all__ = [
+    "CandidateGenerator", "cache_kwargs", "cache_arg_name", "output_cache", "new_cache", "cache_layers",
+    "decoder_only_output", "prepare_generation_config", "prepare_special_tokens", "logits_processors",
+    "candidate_generator_override", "forward_parameters",
+]
+
+CACHE_ARG_NAMES = ("cache", "past_key_values")  # newest first
+"""Names a causal LM's ``forward`` has used for its KV cache argument (5.24 renamed the latter)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def forward_parameters(model: torch.nn.Module) -> frozenset[str]:
+    """The parameter names of ``model.forward`` (cached per class: signature reads are slow)."""
+    if "forward" in vars(model):  # an instance-level override (hooks, wrappers)
+        return frozenset(inspect.signature(model.forward).parameters)
+    return _forward_parameters(type(model))
+
+
+def cache_arg_name(model: torch.nn.Module) -> str | None:
+    """The name under which ``model.forward`` takes its KV cache, or None if it takes none."""
+    params = forward_parameters(model)
+    for name in CACHE_ARG_NAMES:
+        if name in params:
+            return name
+    return None
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """``{<the model's cache argument>: cache, "use_cache": True}`` for a forward call."""
+    name = cache_arg_name(model)
+    if name is None:
+        raise ValueError(f"{type(model).__name__}.forward takes no KV cache argument "
+                         f"(looked for {', '.join(CACHE_ARG_NAMES)})")
+    return {name: cache, "use_cache": True}
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a forward returned, whatever the release calls the field."""
+    for name in CACHE_ARG_NAMES:
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def new_cache() -> DynamicCache:
+    """An empty cache whose layers are all plain (full) layers: windows are applied by our masks."""
+    return DynamicCache()
+
+
+def cache_layers(cache: DynamicCache) -> list:
+    """The filled layers of ``cache``; each has ``.keys`` / ``.values`` of shape (B, H, S, D)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise RuntimeError("this transformers release has no DynamicCache.layers; adaspec-hf needs 5.17+")
+    return [layer for layer in layers if getattr(layer, "is_initialized", True)]
+
+
+@functools.lru_cache(maxsize=None)
+def _output_cache_field() -> str:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
+    for name in CACHE_ARG_NAMES:
+        if name in names:
+            return name
+    raise RuntimeError(f"GenerateDecoderOnlyOutput has no cache field (fields: {sorted(names)})")
+
+
+def decoder_only_output(sequences: torch.Tensor, scores=None, logits=None) -> GenerateDecoderOnlyOutput:
+    """HF's own output type for a decoder-only ``generate`` (no attentions, hidden states or cache)."""
+    return GenerateDecoderOnlyOutput(
+        sequences=sequences, scores=scores, logits=logits, attentions=None, hidden_states=None,
+        **{_output_cache_field(): None},
+    )
+
+
+def _call_filtered(fn, **kwargs):
+    """Call ``fn`` with the keyword arguments its signature declares (optional ones come and go)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def prepare_generation_config(
+    model: PreTrainedModel, generation_config: GenerationConfig | None, kwargs: dict[str, Any]
+) -> tuple[GenerationConfig, dict[str, Any]]:
+    """HF's merge of the model's defaults, ``generation_config`` and ``kwargs``: (config copy, model kwargs)."""
+    fn = getattr(model, "_prepare_generation_config", None)
+    if fn is None:
+        raise RuntimeError("transformers has no GenerationMixin._prepare_generation_config; adaspec-hf needs 5.17+")
+    return fn(generation_config, **kwargs)
+
+
+def prepare_special_tokens(
+    model: PreTrainedModel, generation_config: GenerationConfig, has_attention_mask: bool | None,
+    device: torch.device, batch_size: int | None,
+) -> None:
+    """Set the special-token tensors (``_eos_token_tensor``…) on ``generation_config`` in place."""
+    _call_filtered(
+        model._prepare_special_tokens, generation_config=generation_config,
+        kwargs_has_attention_mask=has_attention_mask, device=device, batch_size=batch_size,
+    )
+
+
+def logits_processors(
+    model: PreTrainedModel, generation_config: GenerationConfig, input_ids: torch.Tensor,
+    logits_processor: LogitsProcessorList | None, model_kwargs: dict[str, Any],
+    has_attention_mask: bool | None = True,
+) -> LogitsProcessorList:
+    """HF's processors for ``generation_config`` exactly as ``generate`` builds them.
+
+    ``input_ids`` (B, L) is the prompt batch. The special-token tensors are prepared first, as
+    ``generate`` does: processors such as min-new-tokens read ``_eos_token_tensor``.
+    """
+    prepare_special_tokens(model, generation_config, has_attention_mask, input_ids.device, input_ids.shape[0])
+    return _call_filtered(
+        model._get_logits_processor, generation_config=generation_config,
+        input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids, prefix_allowed_tokens_fn=None,
+        logits_processor=logits_processor, device=input_ids.device, model_kwargs=model_kwargs,
+    )
+
+
+@contextlib.contextmanager
+def candidate_generator_override(model: PreTrainedModel, generator: CandidateGenerator) -> Iterator[None]:
+    """Make HF's assisted loop use ``generator`` for the duration of the block (this instance only)."""
+    if not hasattr(model, "_get_candidate_generator"):
+        raise RuntimeError("transformers has no GenerationMixin._get_candidate_generator; cannot plug in a "
+                           "candidate generator on this release")
+    previous = model.__dict__.get("_get_candidate_generator")
+    model._get_candidate_generator = lambda *a, **k: generator
+    try:
+        yield
+    finally:
+        if previous is None:
+            del model._get_candidate_generator
+        else:
+            model._get_candidate_generator = previous
