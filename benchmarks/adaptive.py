@@ -28,6 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target")
     ap.add_argument("--draft")
+    ap.add_argument("--allow-weak-pair", action="store_true", help="use a built-in pair that missed its gates")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--n-prompts", type=int, default=4, help="prompts per batch-1 run")
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
@@ -36,7 +37,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
-    target, draft, tok = load_models(args.target, args.draft)
+    target, draft, tok = load_models(args.target, args.draft, allow_weak_pair=args.allow_weak_pair)
     enable(target)
     n_all = max(int(b) for b in args.batch_sizes.split(","))
     prompts = load_prompt_ids(tok, n_all) if args.target is None else _default_text_prompts(tok, n_all)

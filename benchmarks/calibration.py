@@ -35,11 +35,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target")
     ap.add_argument("--draft")
+    ap.add_argument("--allow-weak-pair", action="store_true", help="use a built-in pair that missed its gates")
     ap.add_argument("--n-prompts", type=int, default=16)
     ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
-    target, draft, tok = load_models(args.target, args.draft)
+    target, draft, tok = load_models(args.target, args.draft, allow_weak_pair=args.allow_weak_pair)
     enable(target)
     rec = Recorder(args.k)
     for p in load_prompt_ids(tok, args.n_prompts):

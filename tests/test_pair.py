@@ -29,11 +29,20 @@ def test_quick_build_layout_and_report(quick_pair):
     assert d.is_dir() and (d / "target" / "config.json").is_file() and (d / "draft" / "config.json").is_file()
     rep = json.loads((d / "report.json").read_text())
     assert rep["complete"] and rep["settings"] == {"quick": True, "seed": 0, "corpus": None}
-    for key in ("corpus", "tokenizer", "target", "draft", "quality", "cost", "growth", "timing", "budgets"):
+    for key in ("corpus", "tokenizer", "target", "draft", "quality", "cost", "growth", "timing", "budgets",
+                "gates", "training"):
         assert key in rep
     assert 0.0 <= rep["quality"]["heldout_agreement"] <= 1.0
+    assert 0.0 <= rep["quality"]["distinct_4grams"] <= 1.0
     assert rep["cost"]["target_ms"] > 0 and rep["cost"]["draft_ms"] > 0
-    assert rep["budgets"]["applies"] is False  # quality targets do not apply to quick pairs
+    assert rep["gates_apply"] is False  # quality gates do not apply to quick pairs
+    assert set(rep["gates"]) == {"target_heldout_loss", "draft_agreement", "distinct_4grams",
+                                 "draft_confidence_auc", "cost_ratio"}
+    # a fixed step budget, whatever the machine; precision/threads measured and recorded
+    assert rep["target"]["train_steps"] == P.QUICK.target_steps
+    assert rep["draft"]["distill_steps"] == P.QUICK.distill_steps
+    setup = rep["training"]["setup"]
+    assert setup["precision"] in ("fp32", "bf16") and setup["threads"] >= 1 and setup["timings"]
     # by-file split: no held-out file is a training file
     assert rep["corpus"]["files_heldout"] >= 1 and rep["corpus"]["files_train"] >= 1
     if rep["growth"]["grown"]:
@@ -104,7 +113,7 @@ def test_cli_info(quick_pair, capsys):
     P.register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["pair", "info", "--dir", str(d)])
     assert args.func(args) == 0
-    assert "greedy agreement" in capsys.readouterr().out
+    assert "draft_agreement" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------ fast tests
@@ -202,3 +211,107 @@ def test_thread_tuner_follows_the_faster_setting(monkeypatch):
     finally:
         tuner.restore()
     assert torch.get_num_threads() == full
+
+
+# ------------------------------------------------------------------------------------ gates
+def test_distinct_ngrams_scores_loops_low():
+    from adaspec_hf.pair_gates import distinct_ngrams
+
+    assert distinct_ngrams([list(range(64))]) == 1.0
+    loop = [5, 6, 7] * 21
+    assert distinct_ngrams([loop]) == pytest.approx(3 / 60)
+    assert distinct_ngrams([list(range(64)), loop]) == pytest.approx((1 + 3 / 60) / 2)
+    with pytest.raises(ValueError):
+        distinct_ngrams([[1, 2]])
+
+
+def test_roc_auc_matches_pairwise_definition():
+    from adaspec_hf.pair_gates import roc_auc
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (400,), generator=g).float()  # many ties
+    labels = torch.rand(400, generator=g) < 0.3
+    pos, neg = scores[labels], scores[~labels]
+    brute = ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean()
+    assert roc_auc(scores, labels) == pytest.approx(float(brute))
+    assert roc_auc(torch.tensor([0.1, 0.9]), torch.tensor([False, True])) == 1.0
+    assert roc_auc(torch.tensor([0.9, 0.1]), torch.tensor([False, True])) == 0.0
+    with pytest.raises(ValueError):
+        roc_auc(torch.tensor([0.1, 0.2]), torch.tensor([True, True]))
+
+
+def test_teacher_forced_stats_of_identical_models():
+    from adaspec_hf.pair_gates import teacher_forced_stats
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    m = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 97, (3, 16))
+    st = teacher_forced_stats(m, m, ids)
+    assert st["agreement"] == 1.0 and st["target_loss"] == pytest.approx(st["draft_loss"])
+    assert st["draft_conf_auc"] != st["draft_conf_auc"]  # NaN: no disagreement to rank against
+
+
+def test_gates_evaluate_and_check():
+    from adaspec_hf.pair_gates import Gates, WeakPairError, check_gates, evaluate_gates, failed_gates
+
+    stats = {"target_loss": 4.6, "agreement": 0.7, "draft_conf_auc": 0.8}
+    gates = evaluate_gates(stats, distinct4=0.5, ratio=9.0, gates=Gates())
+    assert not failed_gates(gates)
+    weak = evaluate_gates({**stats, "target_loss": 6.2, "draft_conf_auc": 0.3}, 0.03, 9.0, Gates())
+    assert failed_gates(weak) == ["target_heldout_loss", "distinct_4grams", "draft_confidence_auc"]
+    report = {"recipe": {"name": "full"}, "gates": weak}
+    with pytest.raises(WeakPairError, match="target_heldout_loss 6.2.*--allow-weak-pair"):
+        check_gates(report, "here")
+    check_gates({"recipe": {"name": "quick"}, "gates": weak}, "here")  # quick pairs are exempt
+    check_gates({"recipe": {"name": "full"}, "gates": gates}, "here")
+
+
+def test_weak_full_pair_is_refused_unless_allowed(quick_pair, tmp_path, monkeypatch):
+    import shutil
+
+    from adaspec_hf.pair_gates import WeakPairError
+
+    d = tmp_path / "weak"
+    shutil.copytree(quick_pair[0], d)
+    rep = json.loads((d / "report.json").read_text())
+    rep["recipe"]["name"] = "full"
+    rep["gates_apply"] = True
+    rep["gates"]["distinct_4grams"].update(value=0.03, passed=False)
+    rep["gates_passed"] = False
+    (d / "report.json").write_text(json.dumps(rep))
+    with pytest.raises(WeakPairError, match="distinct_4grams"):
+        P.load_pair(d, build=False)
+    target, draft, tok = P.load_pair(d, build=False, allow_weak_pair=True)
+    assert target.config.vocab_size == draft.config.vocab_size
+
+
+# ----------------------------------------------------------------------------- setup probe
+def test_training_setup_picks_the_fastest_candidate_and_drops_slow_ones():
+    from adaspec_hf import pair_setup as S
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    t, d = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg)
+    before = [p.detach().clone() for p in t.parameters()]
+    cost = {"fp32": 1.0, "bf16": 30.0}
+    clock = [0.0]
+    current = []
+
+    def step(tm, dm, ids):
+        current.append("bf16" if torch.is_autocast_enabled("cpu") else "fp32")
+        clock[0] += cost[current[-1]]
+        return tm(input_ids=ids, labels=ids).loss
+
+    opts = [S.Candidate("fp32", 1), S.Candidate("bf16", 1)]
+    setup = S.choose_training_setup(step, t, d, torch.randint(0, 97, (4, 8)), options=opts,
+                                    timer=lambda: clock[0])
+    assert setup.precision == "fp32" and setup.threads == 1
+    assert setup.timings["bf16/1thr"] is None          # dropped after its warm-up step
+    assert current.count("bf16") == 1 and current.count("fp32") == 1 + S.PROBE_REPEATS
+    assert all(torch.equal(a, b) for a, b in zip(before, t.parameters()))  # the real model is untouched
+    cost.update(fp32=2.0, bf16=1.0)
+    setup = S.choose_training_setup(step, t, d, torch.randint(0, 97, (4, 8)), options=opts,
+                                    timer=lambda: clock[0])
+    assert setup.precision == "bf16" and setup.bf16 and "fp32/1thr" in setup.reason

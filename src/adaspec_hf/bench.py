@@ -334,6 +334,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--name", default="bench")
     p.add_argument("--out", default=str(RESULTS_DIR))
+    p.add_argument("--allow-weak-pair", action="store_true",
+                   help="run on a built-in pair that missed its quality gates (its figures mean little)")
     p.set_defaults(func=_cli)
     from .serving_bench import register_serve_cli  # `adaspec-hf bench serve ...`
 
@@ -352,7 +354,8 @@ def _cli(args: argparse.Namespace) -> int:
     from .pair import load_models
 
     dtype = getattr(torch, args.dtype)
-    target, draft, tok = load_models(args.target, args.draft, dtype=dtype, device=args.device)
+    target, draft, tok = load_models(args.target, args.draft, dtype=dtype, device=args.device,
+                                     allow_weak_pair=args.allow_weak_pair)
     prompts = load_prompt_ids(tok, args.n_prompts) if args.target is None else _default_text_prompts(tok, args.n_prompts)
     res = run_benchmark(
         args.name, target, draft, prompts, [m.strip() for m in args.methods.split(",") if m.strip()],

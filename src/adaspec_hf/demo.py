@@ -7,9 +7,12 @@ time, ~15 min on 2 CPU cores) or loads the built-in pair; ``--target/--draft`` t
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
+from .pair_gates import WeakPairError
 from .bench import RESULTS_DIR, _default_text_prompts, load_prompt_ids, run_benchmark, write_results
 
 
@@ -25,6 +28,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--save", action="store_true", help=f"also write JSON/markdown to {RESULTS_DIR}")
+    p.add_argument("--allow-weak-pair", action="store_true",
+                   help="run on a built-in pair that missed its quality gates (its figures mean little)")
     p.set_defaults(func=run_demo)
 
 
@@ -32,7 +37,17 @@ def run_demo(args: argparse.Namespace) -> int:
     from . import enable
     from .pair import load_models
 
-    target, draft, tok = load_models(args.target, args.draft, dtype=getattr(torch, args.dtype), device=args.device)
+    load = _load_average()
+    if load is not None and load > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: the machine is busy (load average {load:.2f} on {os.cpu_count()} CPUs): timings below "
+              "are disturbed; re-run on an idle machine for figures worth writing down", file=sys.stderr)
+
+    try:
+        target, draft, tok = load_models(args.target, args.draft, dtype=getattr(torch, args.dtype),
+                                         device=args.device, allow_weak_pair=args.allow_weak_pair)
+    except WeakPairError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     enable(target)
     if args.target is None:
         prompts = load_prompt_ids(tok, args.n_prompts)
@@ -49,6 +64,9 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print()
     print(res.table())
+    load_end = _load_average()
+    if load_end is not None:
+        print(f"(machine load average {load:.2f} before, {load_end:.2f} after, {os.cpu_count()} CPUs)")
     by = {r.method: r for r in res.rows}
     ours = by[args.policy]
     print(f"\nadaptive speculation: {ours.tokens_per_s:.1f} tokens/s, {ours.speedup:.2f}x plain generation"
@@ -65,3 +83,10 @@ def run_demo(args: argparse.Namespace) -> int:
         for kind, path in write_results(res).items():
             print(f"{kind}: {path}")
     return 0
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None

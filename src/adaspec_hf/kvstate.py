@@ -4,7 +4,7 @@ Rejected draft nodes stay in the cache as *holes* (masked out), so a verify step
 cache; :meth:`KVState.compact` gathers the live slots when holes pile up. Every slot carries its
 token position, so masks (causal, tree, sliding window) are built from positions, never from
 slot indices. Masks are float and additive: a boolean 4-D mask is silently wrong under eager
-attention (see DESIGN.md).
+attention (see docs/design.md).
 """
 from __future__ import annotations
 

@@ -5,23 +5,26 @@ itself from local text (by default the Python standard library sources):
 
 1. read the corpus and split it BY FILE into train and held-out parts (seeded);
 2. train a byte-level BPE tokenizer (vocab 4096) and tokenize with `datasets` (batched ``.map``);
-3. train the target (``LlamaForCausalLM``) with HF ``Trainer`` under bf16 autocast on CPU, while the
-   draft learns jointly from the target's (detached) logits by KL (``_JointTrainer.compute_loss``);
-4. distill the draft further on the frozen target's logits (``_DistillTrainer.compute_loss``);
-5. measure greedy agreement on held-out text and the target/draft forward cost at a 256-token
-   context; if the target is not expensive enough relative to the draft, *grow* it function-
-   preservingly: append pre-norm decoder layers whose ``o_proj`` and ``down_proj`` are zero (exact
-   identities that still cost real compute), verify the logits are unchanged, and record it in
-   ``report.json`` and in the saved ``config.json`` (``adaspec_identity_layers``);
-6. save ``target/``, ``draft/`` (``save_pretrained`` + tokenizer), ``prompts.jsonl`` (held-out prompts
-   with reference continuations) and ``report.json`` (measured budgets and quality; written last,
+3. time a few training steps in fp32 and in bf16 autocast, with all threads and with one, and train
+   with the fastest (bf16 is native on some CPUs and emulated, 10-25x slower, on others);
+4. train the target (``LlamaForCausalLM``) with HF ``Trainer`` while the draft learns jointly from the
+   target's (detached) logits by KL (``_JointTrainer.compute_loss``);
+5. distill the draft further on the frozen target's logits, plus cross-entropy on the target's argmax
+   (``_DistillTrainer.compute_loss``);
+6. measure the quality gates on held-out files (:mod:`adaspec_hf.pair_gates`: target loss, greedy
+   agreement, ROC AUC of the draft's confidence, distinct 4-grams of the target's greedy text) and the
+   target/draft forward cost at a 256-token context; if the target is not expensive enough relative to
+   the draft, *grow* it function-preservingly: append pre-norm decoder layers whose ``o_proj`` and
+   ``down_proj`` are zero (exact identities that still cost real compute), verify the logits are
+   unchanged, and record it in ``report.json`` and in the saved ``config.json``
+   (``adaspec_identity_layers``);
+7. save ``target/``, ``draft/`` (``save_pretrained`` + tokenizer), ``prompts.jsonl`` (held-out prompts
+   with reference continuations) and ``report.json`` (measured quality, gates, timings; written last,
    it marks the pair as complete).
 
-Training is budgeted in wall-clock seconds (the LR schedule follows elapsed time, a callback stops
-each phase when its time is up, and the thread count follows whichever of 2 or 1 threads is faster
-at the moment), so the build stays within its budget on a slow or busy shared machine.
-Initialisation and data order are seeded; the number of steps, hence the weights, depend on the
-machine's speed during the build (both are recorded in ``report.json``).
+Training is budgeted in optimizer steps (tokens), not seconds: every machine trains the same recipe and
+gets the same weights up to floating-point differences of the chosen precision; a slow or busy machine
+only takes longer (the ETA from the timing probe is printed before training starts).
 """
 from __future__ import annotations
 
@@ -45,11 +48,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hf_compat import cache_kwargs, output_cache
+from .pair_gates import (
+    Gates, WeakPairError, check_gates, distinct_ngrams, evaluate_gates, failed_gates, greedy_continuations,
+    teacher_forced_stats,
+)
+from .pair_setup import TrainingSetup, candidates, choose_training_setup
 
 logger = logging.getLogger(__name__)
 
 Path = pathlib.Path
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: step budget, measured precision/threads, quality gates
 REPORT = "report.json"
 PROMPTS = "prompts.jsonl"
 
@@ -66,58 +74,70 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Sizes and budgets of a pair build (``FULL`` or ``QUICK``)."""
+    """Sizes and training budget of a pair build (``FULL`` or ``QUICK``).
+
+    The budget is in optimizer steps (tokens = steps x batch x block), never in seconds: every machine
+    trains the same recipe, a slow or busy one just takes longer (its ETA is printed up front).
+    """
 
     name: str
     target: ModelShape
     draft: ModelShape
     vocab_size: int = 4096
     block_size: int = 256
-    batch_size: int = 8
+    batch_size: int = 4                   # target phase: small batches = more updates per token (measured better)
+    distill_batch_size: int = 8
     max_chars: int | None = None          # corpus slice (seeded subset of files)
-    joint_s: float = 480.0                # target training (+ draft KL on its logits), seconds
-    distill_s: float = 320.0              # draft distillation on the frozen target, seconds
-    joint_max_steps: int = 100_000
-    distill_max_steps: int = 100_000
-    target_lr: float = 1.5e-3
+    target_steps: int = 480               # target LM training (with the draft's KL on its logits when joint)
+    distill_steps: int = 320              # draft distillation on the frozen target
+    joint: bool = True                    # the draft learns from the target's logits while it trains
+    target_lr: float = 2e-3                # 3e-3 at batch 4 measured worse (held-out loss 5.15 vs ~4.9)
     draft_lr: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_rate: float = 0.1              # cosine decay down to this fraction of the peak LR
     kd_weight: float = 1.0                # weight of the draft's KL term in the joint phase
-    hard_weight: float = 0.0              # + CE on the target's argmax (both KD phases)
-    bf16: bool = True                     # bf16 autocast for training (CPU: ~2.7x faster)
-    total_budget_s: float = 900.0         # whole build, checked
-    reserve_s: float = 60.0               # kept for evaluation / growth / saving
-    eval_blocks: int = 64                 # held-out blocks for agreement
+    joint_hard_weight: float = 0.0        # + CE on the target's argmax, joint phase (1.0 measured worse)
+    distill_hard_weight: float = 1.0      # + CE on the target's argmax, distill phase: raises greedy agreement
+                                          # and makes the draft's confidence rank agreement (AUC 0.66 -> 0.78)
+    build_budget_s: float = 900.0         # the whole build on the reference machine (2 cores, fp32): reported
+    eval_blocks: int = 64                 # held-out blocks for loss / agreement / AUC
     n_prompts: int = 64
+    continuation_tokens: int = 64         # greedy continuations for the distinct-4-gram gate
     cost_context: int = 256
     cost_repeats: int = 100
-    min_ratio: float = 8.0                # required target/draft forward cost ratio
-    aim_ratio: float = 12.0               # grow the target until this (margin for timing noise)
-    max_grow_factor: float = 4.0          # at most this many times the trained layers in total
-    min_agreement: float = 0.6
+    aim_ratio: float = 12.0               # grow the target until this (margin over the gate's 8x)
+    max_grow_factor: float = 10.0         # at most this many times the trained layers in total
+    gates: Gates = Gates()
+    gates_apply: bool = True
+
+    @property
+    def tokens(self) -> dict:
+        return {"target": self.target_steps * self.batch_size * self.block_size,
+                "distill": self.distill_steps * self.distill_batch_size * self.block_size}
 
 
 FULL = Recipe(
     name="full",
-    target=ModelShape(hidden=384, layers=6, heads=6, intermediate=1024),
-    draft=ModelShape(hidden=128, layers=2, heads=4, intermediate=512),
+    target=ModelShape(hidden=256, layers=4, heads=4, intermediate=672),
+    draft=ModelShape(hidden=128, layers=2, heads=2, intermediate=320),
 )
 QUICK = Recipe(
     name="quick",
     target=ModelShape(hidden=128, layers=2, heads=4, intermediate=352),
     draft=ModelShape(hidden=64, layers=1, heads=2, intermediate=176),
     block_size=128,
+    batch_size=8,
     max_chars=1_500_000,
-    joint_s=25.0,
-    distill_s=12.0,
-    joint_max_steps=200,
-    distill_max_steps=100,
-    total_budget_s=90.0,
-    reserve_s=20.0,
+    target_steps=40,
+    distill_steps=20,
+    warmup_steps=5,
     eval_blocks=16,
     n_prompts=16,
+    continuation_tokens=24,
     cost_repeats=10,
     aim_ratio=4.0,
     max_grow_factor=2.0,
+    gates_apply=False,
 )
 
 
@@ -170,14 +190,21 @@ def _lock(path: Path):
 
 
 # --------------------------------------------------------------------------------------- build API
-def build_pair(out_dir=None, *, corpus=None, quick=False, seed=0, force=False, progress=True) -> pathlib.Path:
+def build_pair(out_dir=None, *, corpus=None, quick=False, seed=0, force=False, progress=True,
+               precision: str = "auto") -> pathlib.Path:
     """Build (or find cached) the built-in target/draft pair; returns the pair directory.
 
     The directory holds ``target/`` and ``draft/`` (``save_pretrained``, tokenizer in both),
     ``prompts.jsonl`` (held-out ``{"prompt", "reference"}``) and ``report.json`` (measured budgets
     and quality). A complete pair with the same settings is returned at once unless ``force``.
-    ``quick=True`` builds a tiny pair in about a minute (for tests; no quality targets).
+    ``quick=True`` builds a tiny pair in about a minute (for tests; no quality gates). A full pair is
+    saved even when it misses a quality gate (``report["gates_passed"]`` is False; loading it then
+    needs ``allow_weak_pair=True``, and ``adaspec-hf pair build`` exits with status 1).
+    ``precision``: ``"auto"`` (time fp32 and bf16 autocast here and keep the faster), ``"fp32"`` or
+    ``"bf16"`` (the thread count is still measured).
     """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     out = Path(out_dir).expanduser() if out_dir is not None else default_pair_dir(quick=quick, seed=seed,
                                                                                     corpus=corpus)
     want = {"quick": bool(quick), "seed": int(seed), "corpus": _corpus_key(corpus)}
@@ -206,7 +233,7 @@ def build_pair(out_dir=None, *, corpus=None, quick=False, seed=0, force=False, p
         tmp.mkdir(parents=True)
         try:
             _build(tmp, recipe=QUICK if quick else FULL, corpus=corpus, seed=seed, progress=progress,
-                   settings=want)
+                   settings=want, precision=precision)
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
@@ -241,7 +268,8 @@ def _say(progress: bool, msg: str) -> None:
         logger.info(msg)
 
 
-def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, settings: dict) -> dict:
+def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, settings: dict,
+           precision: str = "auto") -> dict:
     import transformers
     from transformers import GenerationConfig, set_seed
 
@@ -249,7 +277,6 @@ def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, sett
 
     t_start = time.perf_counter()
     load_start = _loadavg()
-    deadline = t_start + recipe.total_budget_s
     timing: dict[str, float] = {}
     clock = [time.perf_counter()]
 
@@ -259,7 +286,10 @@ def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, sett
         clock[0] = now
 
     _say(progress, f"[adaspec-hf pair] building the {recipe.name} pair into {out} "
-                   f"(budget {recipe.total_budget_s / 60:.0f} min)")
+                   f"(machine load {load_start})")
+    if load_start is not None and load_start > 0.5 * (os.cpu_count() or 1):
+        _say(progress, f"[adaspec-hf pair] warning: the machine is busy (load {load_start} on {os.cpu_count()} "
+                       "cores): training will be slower and the cost ratio noisier")
     set_seed(seed)
     data = C.load_corpus(corpus, seed=seed, max_chars=recipe.max_chars, progress=progress)
     lap("read_corpus_s")
@@ -280,32 +310,53 @@ def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, sett
     target = _new_llama(recipe.target, tok, max_pos=2048)
     draft = _new_llama(recipe.draft, tok, max_pos=2048)
 
-    # phase 1: target LM + draft KL on the target's logits ---------------------------------------
-    joint = _Joint(target, draft)
-    joint_s = min(recipe.joint_s, max(5.0, deadline - time.perf_counter() - recipe.reserve_s
-                                      - 0.3 * recipe.distill_s))
-    j = _run_phase("joint: target LM + draft KL", "joint", joint, train_ds, recipe=recipe,
-                   budget_s=joint_s, max_steps=recipe.joint_max_steps, seed=seed, progress=progress,
-                   param_groups=[(target, recipe.target_lr), (draft, recipe.draft_lr)],
-                   extra={"kd_weight": recipe.kd_weight, "hard_weight": recipe.hard_weight})
-    lap("train_joint_s")
-    target.eval()
-    draft.eval()
-    agreement_joint = greedy_agreement(target, draft, held)["agreement"]
+    # precision and threads: timed here, on this machine --------------------------------------------
+    probe_batch = torch.tensor(train_ds.select(range(min(8, len(train_ds))))["input_ids"])
+    options = [c for c in candidates("cpu") if precision in ("auto", c.precision)]
+    setup = choose_training_setup(_probe_step if recipe.joint else _probe_step_target_only, target, draft,
+                                  probe_batch, options=options)
+    lap("setup_probe_s")
+    eta = _eta_s(recipe, setup)
+    _say(progress, f"[adaspec-hf pair] training with {setup.precision} on {setup.threads} thread(s) "
+                   f"({setup.reason}); {recipe.tokens['target']:,} target + {recipe.tokens['distill']:,} "
+                   f"distill tokens; ETA ~{eta / 60:.1f} min of training")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(setup.threads)
+    try:
+        # phase 1: target LM (+ the draft's KL on the target's logits) -------------------------------
+        if recipe.joint:
+            j = _run_phase("target LM + draft KL", "joint", _Joint(target, draft), train_ds, recipe=recipe,
+                           setup=setup, max_steps=recipe.target_steps, seed=seed, progress=progress,
+                           param_groups=[(target, recipe.target_lr), (draft, recipe.draft_lr)],
+                           extra={"kd_weight": recipe.kd_weight, "hard_weight": recipe.joint_hard_weight})
+        else:
+            j = _run_phase("target LM", "target", target, train_ds, recipe=recipe, setup=setup,
+                           max_steps=recipe.target_steps, seed=seed, progress=progress,
+                           param_groups=[(target, recipe.target_lr)], extra={})
+        lap("train_target_s")
+        target.eval()
+        draft.eval()
+        agreement_joint = greedy_agreement(target, draft, held)["agreement"]
 
-    # phase 2: draft distillation on the frozen target --------------------------------------------
-    target.eval().requires_grad_(False)
-    distill_s = min(recipe.distill_s, max(5.0, deadline - time.perf_counter() - recipe.reserve_s))
-    d = _run_phase("distill: draft KL on frozen target", "distill", draft, train_ds, recipe=recipe,
-                   budget_s=distill_s, max_steps=recipe.distill_max_steps, seed=seed + 1, progress=progress,
-                   param_groups=[(draft, recipe.draft_lr / 2)],
-                   extra={"teacher": target, "hard_weight": recipe.hard_weight})
-    lap("train_distill_s")
+        # phase 2: draft distillation on the frozen target ------------------------------------------
+        target.eval().requires_grad_(False)
+        d = _run_phase("draft KL on frozen target", "distill", draft, train_ds, recipe=recipe, setup=setup,
+                       max_steps=recipe.distill_steps, seed=seed + 1, progress=progress,
+                       batch_size=recipe.distill_batch_size,
+                       param_groups=[(draft, recipe.draft_lr)],
+                       extra={"teacher": target, "hard_weight": recipe.distill_hard_weight})
+        lap("train_distill_s")
+    finally:
+        torch.set_num_threads(threads_before)
     target.eval()
     draft.eval().requires_grad_(False)
 
-    # quality (fp32, teacher-forced on held-out text) --------------------------------------------
-    q = greedy_agreement(target, draft, held)
+    # quality gates (fp32, held-out files) ----------------------------------------------------------
+    q = teacher_forced_stats(target, draft, held)
+    prompt_ids = [tok(p["prompt"], add_special_tokens=False)["input_ids"] for p in prompts]
+    continuations = greedy_continuations(target, prompt_ids, tok.pad_token_id, recipe.continuation_tokens)
+    distinct4 = distinct_ngrams(continuations, 4)
+    sample = {"prompt": prompts[0]["prompt"], "continuation": tok.decode(continuations[0])} if prompts else None
     lap("eval_s")
 
     # cost, and growth of the target if it is too cheap -----------------------------------------
@@ -317,11 +368,18 @@ def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, sett
     trained_layers = recipe.target.layers
     max_layers = int(recipe.max_grow_factor * trained_layers)
     ref_logits = _logits(target, held[: min(4, len(held))])
-    while cost["ratio"] < recipe.aim_ratio and target.config.num_hidden_layers < max_layers \
-            and time.perf_counter() < deadline - 10:
-        # grow in whole multiples of the trained depth (6 -> 12 -> 18 ...), so that the architecture
-        # does not depend on the exact timing noise of this machine
-        extra = min(trained_layers, max_layers - target.config.num_hidden_layers)
+    while cost["ratio"] < recipe.aim_ratio and target.config.num_hidden_layers < max_layers:
+        # grow in whole multiples of the trained depth (4 -> 8 -> 12 ...), so that the architecture
+        # does not depend on the exact timing noise of this machine; after one growth, jump straight
+        # to the depth that the measured per-layer cost says is needed (fewer slow cost measurements)
+        layers = target.config.num_hidden_layers
+        extra = trained_layers
+        if layers > trained_layers:
+            per_layer = (cost["target_ms"] - cost0["target_ms"]) / (layers - trained_layers)
+            if per_layer > 0:
+                need = (recipe.aim_ratio * cost["draft_ms"] - cost["target_ms"]) / per_layer
+                extra = trained_layers * max(1, math.ceil(need / trained_layers))
+        extra = min(extra, max_layers - layers)
         target = grow_identity_layers(target, extra)
         cost = measure_cost(target, draft, ctx, repeats=recipe.cost_repeats)
     if target.config.num_hidden_layers > trained_layers:
@@ -343,6 +401,7 @@ def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, sett
         if diff > 1e-5:
             raise RuntimeError(f"grown target changed the logits (max abs diff {diff})")
     lap("cost_s")
+    gates = evaluate_gates(q, distinct4, cost["ratio"], recipe.gates)
 
     # save ----------------------------------------------------------------------------------------
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
@@ -378,30 +437,33 @@ def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, sett
                    "heldout_loss": q["target_loss"], "train_steps": j["steps"],
                    "train_tokens": j["steps"] * recipe.batch_size * recipe.block_size},
         "draft": {"shape": asdict(recipe.draft), "params": n_params(draft), "heldout_loss": q["draft_loss"],
-                  "joint_steps": j["steps"], "distill_steps": d["steps"],
-                  "distill_tokens": d["steps"] * recipe.batch_size * recipe.block_size},
-        "quality": {"heldout_agreement": q["agreement"], "agreement_after_joint": agreement_joint,
-                    "eval_tokens": q["tokens"],
-                    "definition": "teacher-forced on held-out blocks, fp32: fraction of positions where "
-                                  "argmax(draft) == argmax(target)"},
+                  "joint_steps": j["steps"] if recipe.joint else 0, "distill_steps": d["steps"],
+                  "distill_tokens": d["steps"] * recipe.distill_batch_size * recipe.block_size},
+        "quality": {"heldout_agreement": q["agreement"], "agreement_after_target_phase": agreement_joint,
+                    "draft_confidence_auc": q["draft_conf_auc"], "distinct_4grams": distinct4,
+                    "eval_tokens": q["tokens"], "continuations": len(continuations),
+                    "continuation_tokens": recipe.continuation_tokens, "sample": sample,
+                    "definition": "held-out files, fp32. agreement: teacher-forced fraction of positions where "
+                                  "argmax(draft) == argmax(target); AUC: ROC AUC of the draft's top-1 softmax "
+                                  "probability as a predictor of that agreement; distinct_4grams: mean over the "
+                                  "held-out prompts of distinct/total 4-grams in the target's greedy continuation"},
+        "gates": gates,
+        "gates_passed": not failed_gates(gates),
+        "gates_apply": recipe.gates_apply,
         "cost": cost | {"definition": "median forward time (ms) for 1 new token with a "
                                       f"{recipe.cost_context}-token KV cache, fp32, batch 1, "
                                       f"{torch.get_num_threads()} threads, interleaved repeats"},
         "growth": growth,
-        "training": {"joint": j, "distill": d, "batch": [recipe.batch_size, recipe.block_size],
-                     "bf16_autocast": recipe.bf16,
-                     "schedule": "AdamW; LR warm-up then cosine over each phase's wall-time budget"},
+        "training": {"target_phase": j, "distill": d, "block_size": recipe.block_size,
+                     "setup": setup.to_dict(), "eta_s": round(eta, 1),
+                     "schedule": f"AdamW; {recipe.warmup_steps} warm-up steps, then cosine over each phase's "
+                                 f"steps down to {recipe.min_lr_rate:g}x the peak LR"},
         "prompts": {"n": len(prompts), "file": PROMPTS, "prompt_tokens": [32, 96], "reference_tokens": 64},
         "timing": timing,
         "budgets": {
-            "build_s_max": recipe.total_budget_s,
+            "build_s_reference_max": recipe.build_budget_s,
             "build_s": round(total, 1),
-            "build_ok": total <= recipe.total_budget_s,
-            "agreement_min": recipe.min_agreement,
-            "agreement_ok": q["agreement"] >= recipe.min_agreement,
-            "ratio_min": recipe.min_ratio,
-            "ratio_ok": cost["ratio"] >= recipe.min_ratio,
-            "applies": recipe.name == "full",
+            "build_within_reference_budget": total <= recipe.build_budget_s,
         },
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
                         "transformers": transformers.__version__, "threads": torch.get_num_threads(),
@@ -414,28 +476,36 @@ def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, sett
 
 
 def summarize(report: dict) -> str:
-    """A few lines describing a pair's report."""
-    b, t, d, c, g = report["budgets"], report["target"], report["draft"], report["cost"], report["growth"]
-    ok = lambda x: "ok" if x else ("MISSED" if b.get("applies") else "n/a (quick)")  # noqa: E731
+    """A few lines describing a pair's report: gates first."""
+    t, d, c, g = report["target"], report["draft"], report["cost"], report["growth"]
+    applies = report.get("gates_apply", True)
+    ok = lambda x: "ok" if x else ("MISSED" if applies else "n/a (quick)")  # noqa: E731
+    setup = report["training"]["setup"]
     lines = [
         f"pair ({report['recipe']['name']}, seed {report['settings']['seed']}, corpus "
         f"{report['corpus']['source']}: {report['corpus']['files_train']} train / "
         f"{report['corpus']['files_heldout']} held-out files)",
-        f"  build time        {b['build_s']:.0f} s  (max {b['build_s_max']:.0f})  {ok(b['build_ok'])}",
-        f"  greedy agreement  {report['quality']['heldout_agreement']:.3f} on {report['quality']['eval_tokens']} "
-        f"held-out tokens  (min {b['agreement_min']})  {ok(b['agreement_ok'])}",
-        f"  cost ratio        {c['ratio']:.1f}x  (target {c['target_ms']:.2f} ms / draft {c['draft_ms']:.2f} ms, "
-        f"1 token @ {c['context']} ctx, median of {c['repeats']}; p10 ratio {c.get('ratio_p10', float('nan')):.1f}x; "
-        f"min {b['ratio_min']})  {ok(b['ratio_ok'])}",
-        f"  target            {t['params'] / 1e6:.2f}M params, {t['layers']} layers "
-        f"({t['trained_layers']} trained), held-out loss {t['heldout_loss']:.3f}, {t['train_steps']} steps",
-        f"  draft             {d['params'] / 1e6:.2f}M params, held-out loss {d['heldout_loss']:.3f}, "
+        f"  built in {report['budgets']['build_s']:.0f} s with {setup['precision']} on {setup['threads']} "
+        f"thread(s) (chosen by timing: {setup['timings']}); machine load {report['environment']['loadavg_1m_start']}",
+    ]
+    for name, gate in report["gates"].items():
+        sign = "<=" if gate["kind"] == "max" else ">="
+        lines.append(f"  {name:<22}{gate['value']:>9.3f}  (gate {sign} {gate['threshold']})  {ok(gate['passed'])}")
+    lines += [
+        f"  cost                  target {c['target_ms']:.2f} ms / draft {c['draft_ms']:.2f} ms, 1 token @ "
+        f"{c['context']} ctx, median of {c['repeats']}; p10 ratio {c.get('ratio_p10', float('nan')):.1f}x",
+        f"  target                {t['params'] / 1e6:.2f}M params, {t['layers']} layers ({t['trained_layers']} "
+        f"trained), {t['train_steps']} steps ({t['train_tokens']:,} tokens)",
+        f"  draft                 {d['params'] / 1e6:.2f}M params, held-out loss {d['heldout_loss']:.3f}, "
         f"{d['joint_steps']} joint + {d['distill_steps']} distill steps",
     ]
     if g["grown"]:
-        lines.append(f"  growth            {g['trained_layers']} -> {g['total_layers']} layers with zero "
+        lines.append(f"  growth                {g['trained_layers']} -> {g['total_layers']} layers with zero "
                      f"o_proj/down_proj (identity blocks); ratio before {g['ratio_before_growth']:.1f}x; "
                      f"logits bit-identical: {g['logits_bit_identical']} (max diff {g['logits_max_abs_diff']:.1e})")
+    sample = report["quality"].get("sample")
+    if sample:
+        lines.append(f"  sample                {sample['prompt'][-60:]!r} -> {sample['continuation'][:80]!r}")
     return "\n".join(lines)
 
 
@@ -547,30 +617,42 @@ def _trainer_classes():
             loss = _kd_loss(out.logits, t_logits, self.hard_weight)
             return (loss, out) if return_outputs else loss
 
-    return _JointTrainer, _DistillTrainer
+    class _TargetTrainer(Trainer):
+        """Target alone: next-token CE."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids = inputs["input_ids"]
+            out = model(input_ids=ids, labels=ids)
+            return (out.loss, out) if return_outputs else out.loss
+
+    return _JointTrainer, _DistillTrainer, _TargetTrainer
 
 
 def _collate(features):
     return {"input_ids": torch.tensor([f["input_ids"] for f in features], dtype=torch.long)}
 
 
-def _time_schedule(optimizer, budget_s: float, max_steps: int, warmup_steps: int, floor: float = 0.1):
-    """LR factor: linear warm-up over the first steps, then cosine over the *elapsed wall time* of
-    the phase (down to ``floor``), so the schedule completes within the time budget whatever the
-    machine's speed (busy shared CPUs slow down by several times, in bursts)."""
-    from torch.optim.lr_scheduler import LambdaLR
+def _probe_step(target, draft, ids):
+    """One joint training step's loss (what the precision/thread probe times)."""
+    out = target(input_ids=ids, labels=ids)
+    return out.loss + _kd_loss(draft(input_ids=ids).logits, out.logits.detach())
 
-    t0 = [None]
 
-    def factor(step: int) -> float:
-        now = time.perf_counter()
-        if t0[0] is None:
-            t0[0] = now
-        frac = min(1.0, max((now - t0[0]) / budget_s, step / max_steps))
-        warm = min(1.0, (step + 1) / warmup_steps)
-        return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+def _probe_step_target_only(target, draft, ids):
+    return target(input_ids=ids, labels=ids).loss
 
-    return LambdaLR(optimizer, factor)
+
+GRAD_CLIP = 1.0  # max gradient norm, per model
+DISTILL_COST = 0.55  # a distill step (target forward, draft forward+backward) vs a joint step: measured ~0.5-0.6
+
+
+def _eta_s(recipe: Recipe, setup: TrainingSetup) -> float:
+    """Training time predicted from the probe (rows scale ~linearly at these sizes)."""
+    from .pair_setup import PROBE_ROWS
+
+    row = setup.probe_step_s / PROBE_ROWS * (recipe.block_size / 256)  # one 256-token row, joint step
+    return row * (recipe.target_steps * recipe.batch_size
+                  + DISTILL_COST * recipe.distill_steps * recipe.distill_batch_size)
 
 
 class _ThreadTuner:
@@ -632,64 +714,65 @@ class _ThreadTuner:
         torch.set_num_threads(self.full)
 
 
-def _run_phase(desc, kind, model, dataset, *, recipe: Recipe, budget_s: float, max_steps: int, seed: int,
-               progress: bool, param_groups, extra: dict) -> dict:
-    """One Trainer run of ``budget_s`` wall-clock seconds (or ``max_steps``, whichever comes first)."""
+def _run_phase(desc, kind, model, dataset, *, recipe: Recipe, setup: TrainingSetup, max_steps: int, seed: int,
+               progress: bool, param_groups, extra: dict, batch_size: int | None = None) -> dict:
+    """One Trainer run of exactly ``max_steps`` optimizer steps (cosine LR over those steps)."""
     from tqdm.auto import tqdm
     from transformers import PrinterCallback, ProgressCallback, TrainerCallback, TrainingArguments
 
-    joint_cls, distill_cls = _trainer_classes()
-    cls = joint_cls if kind == "joint" else distill_cls
+    batch = batch_size or recipe.batch_size
+    if max_steps <= 0:
+        return {"steps": 0, "seconds": 0.0, "loss": float("nan"), "thread_switches": 0, "batch_size": batch}
+    joint_cls, distill_cls, target_cls = _trainer_classes()
+    cls = {"joint": joint_cls, "distill": distill_cls, "target": target_cls}[kind]
     model.train()
-    if kind != "joint":
+    if kind == "distill":
         extra["teacher"].eval()
     opt = torch.optim.AdamW(
         [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr} for m, lr in param_groups],
         betas=(0.9, 0.95), weight_decay=0.05, eps=1e-8)
-    sched = _time_schedule(opt, budget_s, max_steps, warmup_steps=30 if max_steps > 1000 else 10)
-
     tuner = _ThreadTuner()
 
-    class _TimeBudget(TrainerCallback):
-        """Stops the phase when its time is up; a tqdm bar in seconds with step and loss; threads."""
+    clip_groups = [[p for p in m.parameters() if p.requires_grad] for m, _ in param_groups]
+
+    class _Progress(TrainerCallback):
+        """A tqdm bar in steps (with its ETA), loss and threads; the thread tuner around each step;
+        gradient clipping per model (one global norm over target + draft would let the draft's
+        gradients shrink the target's updates)."""
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            for group in clip_groups:
+                torch.nn.utils.clip_grad_norm_(group, GRAD_CLIP)
 
         def on_step_begin(self, args, state, control, **kw):
             tuner.begin(state.global_step)
 
         def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-            self.bar = tqdm(total=round(budget_s), desc=desc, unit="s", disable=not progress,
-                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}")
-            self.shown = 0
+            self.bar = tqdm(total=max_steps, desc=desc, unit="step", disable=not progress)
 
         def on_step_end(self, args, state, control, **kw):
             tuner.end()
-            el = time.perf_counter() - self.t0
-            step = min(round(el), round(budget_s)) - self.shown
-            if step > 0:
-                self.bar.update(step)
-                self.shown += step
-            self.bar.set_postfix_str(f"step {state.global_step}, {tuner.current} thr", refresh=False)
-            if el >= budget_s:
-                control.should_training_stop = True
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{tuner.current} thr", refresh=False)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                self.bar.set_postfix_str(f"step {state.global_step}, {tuner.current} thr, "
-                                         f"loss {float(logs['loss']):.3f}")
+                self.bar.set_postfix_str(f"{tuner.current} thr, loss {float(logs['loss']):.3f}")
 
         def on_train_end(self, args, state, control, **kw):
             self.bar.close()
 
     with tempfile.TemporaryDirectory(prefix="adaspec_pair_trainer_") as tmp:
         args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=recipe.batch_size, max_steps=max_steps,
-            learning_rate=param_groups[0][1], max_grad_norm=1.0, logging_steps=10, save_strategy="no",
-            eval_strategy="no", report_to=[], use_cpu=True, bf16=recipe.bf16, seed=seed, data_seed=seed,
+            output_dir=tmp, per_device_train_batch_size=batch, max_steps=max_steps,
+            learning_rate=param_groups[0][1], max_grad_norm=0.0, logging_steps=10, save_strategy="no",
+            eval_strategy="no", report_to=[], use_cpu=True, bf16=setup.bf16, seed=seed, data_seed=seed,
+            lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": recipe.min_lr_rate},
+            warmup_steps=min(recipe.warmup_steps, max(1, max_steps // 10)),
             disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, log_level="error",
         )
         trainer = cls(model=model, args=args, train_dataset=dataset, data_collator=_collate,
-                      optimizers=(opt, sched), callbacks=[_TimeBudget()], **extra)
+                      optimizers=(opt, None), callbacks=[_Progress()], **extra)
         for cb in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(cb)
         t0 = time.perf_counter()
@@ -699,10 +782,10 @@ def _run_phase(desc, kind, model, dataset, *, recipe: Recipe, budget_s: float, m
             tuner.restore()
         secs = time.perf_counter() - t0
     steps = int(trainer.state.global_step)
-    _say(progress, f"[adaspec-hf pair] {desc}: {steps} steps ({steps * recipe.batch_size * recipe.block_size} "
+    _say(progress, f"[adaspec-hf pair] {desc}: {steps} steps ({steps * batch * recipe.block_size:,} "
                    f"tokens) in {secs:.0f} s, mean loss {result.training_loss:.3f}")
     return {"steps": steps, "seconds": round(secs, 1), "loss": float(result.training_loss),
-            "thread_switches": tuner.switches}
+            "thread_switches": tuner.switches, "batch_size": batch}
 
 
 # -------------------------------------------------------------------------------------- measuring
@@ -774,9 +857,20 @@ def _resolve(pair_dir, build: bool) -> Path:
     return d
 
 
-def load_pair(pair_dir=None, *, build=True, dtype=torch.float32, device="cpu"):
-    """``(target, draft, tokenizer)`` of a built pair (default: the built-in full pair, built on first use)."""
+def load_pair(pair_dir=None, *, build=True, dtype=torch.float32, device="cpu", allow_weak_pair=False):
+    """``(target, draft, tokenizer)`` of a built pair (default: the built-in full pair, built on first use).
+
+    A full pair that missed a quality gate raises :class:`~adaspec_hf.pair_gates.WeakPairError`
+    (speed-ups measured on it would mean nothing) unless ``allow_weak_pair=True``.
+    """
     d = _resolve(pair_dir, build)
+    rep = _read_report(d)
+    if allow_weak_pair:
+        if rep is not None and rep.get("gates_apply") and not rep.get("gates_passed", True):
+            logger.warning("using the pair in %s although it misses quality gates: %s", d,
+                           ", ".join(failed_gates(rep["gates"])))
+    else:
+        check_gates(rep, str(d))
     return load_models(d / "target", d / "draft", dtype=dtype, device=device)
 
 
@@ -795,11 +889,12 @@ def load_prompts(pair_dir=None, n=None):
     return ds
 
 
-def load_models(target=None, draft=None, *, dtype=torch.float32, device="cpu"):
+def load_models(target=None, draft=None, *, dtype=torch.float32, device="cpu", allow_weak_pair=False):
     """Load a target/draft pair: any HF ids or paths (``AutoModelForCausalLM`` / ``AutoTokenizer``,
-    the tokenizer from the target). Both ``None``: the built-in pair (built on first use)."""
+    the tokenizer from the target). Both ``None``: the built-in pair (built on first use; see
+    :func:`load_pair` for ``allow_weak_pair``)."""
     if target is None and draft is None:
-        return load_pair(dtype=dtype, device=device)
+        return load_pair(dtype=dtype, device=device, allow_weak_pair=allow_weak_pair)
     if target is None or draft is None:
         raise ValueError("give both target and draft (HF ids or paths), or neither for the built-in pair")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -831,6 +926,8 @@ def register_cli(subparsers) -> None:
     b.add_argument("--quick", action="store_true", help="tiny pair in ~1 min (tests)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild even if a complete pair exists")
+    b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="training precision (default: time both here and keep the faster)")
     b.set_defaults(func=_cli_build)
 
     i = sub.add_parser("info", help="print a built pair's report")
@@ -841,10 +938,16 @@ def register_cli(subparsers) -> None:
 
 
 def _cli_build(args) -> int:
-    d = build_pair(args.out, corpus=args.corpus, quick=args.quick, seed=args.seed, force=args.force)
+    d = build_pair(args.out, corpus=args.corpus, quick=args.quick, seed=args.seed, force=args.force,
+                   precision=args.precision)
     rep = _read_report(d)
     print(summarize(rep))
     print(d)
+    try:
+        check_gates(rep, str(d))
+    except WeakPairError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

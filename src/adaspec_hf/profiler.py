@@ -1,6 +1,6 @@
 """Latency profiling of a target/draft pair on the device and dtype they actually run on.
 
-Why: the efficiency model (DESIGN.md, "Efficiency model") needs the forward time of each model as a
+Why: the efficiency model (docs/design.md, "The efficiency model") needs the forward time of each model as a
 function of rows in the batch x query tokens per row x context length, plus the fixed per-step
 overhead. These costs are hardware-specific and not smooth (on CPU a 2-token verify can cost more
 than an 8-token one), so we measure a grid once, cache it as JSON keyed by everything that changes
