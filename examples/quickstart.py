@@ -27,7 +27,7 @@ def main() -> None:
     if (default_pair_dir() / "report.json").exists():
         from adaspec_hf.pair import load_pair
 
-        target, draft, tok = load_pair(build=False)
+        target, draft, tok = load_pair(build=False, allow_weak_pair=True)  # a correctness check: any pair will do
         texts = ["def read_config(path):\n    \"\"\"Read a", "class Stack:\n    def push(self, item):\n"]
         tok.padding_side = "left"
         inputs = tok(texts, return_tensors="pt", padding=True)

@@ -315,3 +315,17 @@ def test_training_setup_picks_the_fastest_candidate_and_drops_slow_ones():
     setup = S.choose_training_setup(step, t, d, torch.randint(0, 97, (4, 8)), options=opts,
                                     timer=lambda: clock[0])
     assert setup.precision == "bf16" and setup.bf16 and "fp32/1thr" in setup.reason
+
+
+@pytest.mark.slow
+def test_pair_of_an_older_recipe_is_rebuilt(quick_pair, tmp_path):
+    import shutil
+
+    d = tmp_path / "old"
+    shutil.copytree(quick_pair[0], d)
+    rep = json.loads((d / "report.json").read_text())
+    rep["recipe"]["target_steps"] += 1  # as if built by an earlier version of the recipe
+    (d / "report.json").write_text(json.dumps(rep))
+    assert P.build_pair(d, quick=True, progress=False) == d
+    rebuilt = json.loads((d / "report.json").read_text())
+    assert rebuilt["recipe"]["target_steps"] == P.QUICK.target_steps
