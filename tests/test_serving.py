@@ -393,3 +393,249 @@ def test_text_prompts_streaming_and_stop_strings():
         cut = next(k + 1 for k in range(len(ref)) if stop_word in tok.decode(ref[: k + 1]))
         s = engine.submit(prompt, max_new_tokens=16, stop=[stop_word, "never"]).result()
         assert s.finish_reason == "stop" and s.token_ids == ref[:cut] and s.text.endswith(stop_word)
+
+
+# ------------------------------------------------------------------- streamed text with cleanup (5)
+def cleanup_tokenizer(punct: dict[int, str]):
+    """Like :func:`word_tokenizer`, with some ids decoding to punctuation / quotes and
+    ``clean_up_tokenization_spaces=True`` (decode turns "a , b ' c" into "a, b'c")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{punct.get(i, f"w{i}"): i for i in range(3, VOCAB)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   clean_up_tokenization_spaces=True)
+
+
+def test_streamed_text_never_repeats_with_cleanup_spaces():
+    target, draft = pair("llama")
+    prompts = make_prompts(3, 30)
+    refs = [reference(p, 30) for p in prompts]
+    used = [t for r in refs for t in r if t > 2]
+    common = sorted(set(used), key=lambda t: -used.count(t))
+    quote = common[0]  # "w a ' b" cleans up to "w a'b": the space before the quote disappears later
+    after = {r[i + 1] for r in refs for i in range(len(r) - 1) if r[i] == quote}
+    punct = {quote: "'", **dict(zip([t for t in common[1:] if t not in after], [",", ".", "n't"]))}
+    assert after - set(punct) - {2}, "the quote must be followed by a word somewhere"
+    tok = cleanup_tokenizer(punct)
+    with Engine(target, draft, tok, policy=StaticChain(0), max_rows=3, seed=0) as engine:
+        hs = [engine.submit(p, max_new_tokens=30) for p in prompts]
+        streams = ["".join(c.text for c in h) for h in hs]
+    for h, r, s in zip(hs, refs, streams):
+        res = h.result()
+        assert res.token_ids == r
+        assert res.text == tok.decode(r, skip_special_tokens=True)
+        assert s == res.text, f"stream {s!r} vs result {res.text!r}"
+
+
+# ---------------------------------------------------------------- reproducible seeded sampling (6)
+def test_seeded_generate_is_reproducible_whatever_the_planner_decides():
+    """The same torch.manual_seed gives the same sample with any draft policy (so with the adaptive
+    planner, whose decisions depend on timing and history), and consumes the global RNG the same."""
+    from adaspec_hf import enable
+
+    target, _ = pair("llama")
+    draft = confident_draft()
+    enable(target)
+    ids = torch.tensor([[5, 17, 33, 8], [0, 0, 9, 4]])
+    mask = (ids != 0).long()
+    outs, after = [], []
+    for policy in ["static-0", "static-3", random_shapes(8), random_shapes(9), "heuristic", "static-3"]:
+        torch.manual_seed(123)
+        out = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=True, top_k=30,
+                              temperature=1.2, assistant_model=draft, adaptive=True, draft_policy=policy,
+                              pad_token_id=0)
+        outs.append(out)
+        after.append(torch.rand(1))
+        assert target.adaspec_stats.new_tokens > 0
+    for o, a in zip(outs[1:], after[1:]):
+        assert torch.equal(o, outs[0]) and torch.equal(a, after[0])
+    torch.manual_seed(124)
+    other = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=True, top_k=30,
+                            temperature=1.2, assistant_model=draft, adaptive=True, draft_policy="static-3",
+                            pad_token_id=0)
+    assert not torch.equal(other, outs[0])  # the seed matters
+
+
+def test_seeded_engine_requests_are_reproducible_whatever_the_batch():
+    target, _ = pair("llama")
+    draft = confident_draft()
+    prompts = make_prompts(4, 31)
+    runs = []
+    for policy, rows in [(StaticChain(0), 1), (random_shapes(3), 4), (AlwaysBehind(synthetic_latency()), 2)]:
+        with Engine(target, draft, policy=policy, max_rows=rows, seed=0) as engine:
+            hs = [engine.submit(p, max_new_tokens=20, do_sample=True, temperature=1.3) for p in prompts]
+            own = engine.submit(prompts[0], max_new_tokens=20, do_sample=True, seed=77)
+            runs.append(([h.result().token_ids for h in hs], own.result().token_ids))
+    assert all(r == runs[0] for r in runs[1:])
+    assert runs[0][0][0] != runs[0][1]  # a request's own seed is its own stream
+    with Engine(target, draft, policy=StaticChain(2), max_rows=2, seed=1) as engine:
+        assert engine.submit(prompts[0], max_new_tokens=20, do_sample=True, seed=77).result().token_ids == runs[0][1]
+        with pytest.raises(ValueError, match="seed"):
+            engine.submit(prompts[0], seed=-1)
+
+
+# ------------------------------------------------------------------ max_cached_tokens is a bound (7)
+def test_max_cached_tokens_bounds_the_cache_slots(monkeypatch):
+    """Padding of short rows to the longest, holes and the verify step's speculative slots all count."""
+    from adaspec_hf.kvstate import KVState
+
+    target, draft = pair("llama")
+    peak = {"target": 0, "draft": 0}
+    orig_forward, orig_append = KVState.forward, KVState.append_rows
+
+    def watch(kv):
+        key = "target" if kv.model is target else "draft"
+        peak[key] = max(peak[key], kv.rows * kv.length)
+
+    def forward(self, *a, **k):
+        out = orig_forward(self, *a, **k)
+        watch(self)
+        return out
+
+    def append_rows(self, other):
+        orig_append(self, other)
+        watch(self)
+    monkeypatch.setattr(KVState, "forward", forward)
+    monkeypatch.setattr(KVState, "append_rows", append_rows)
+    rng = random.Random(5)
+    prompts = [make_prompts(1, 40 + i, lo=2, hi=rng.choice([3, 60]))[0] for i in range(12)]
+    lens = [rng.randint(5, 40) for _ in prompts]
+    with Engine(target, draft, policy=random_shapes(11), max_rows=6, max_cached_tokens=400, seed=0) as engine:
+        hs = [engine.submit(p, max_new_tokens=n) for p, n in zip(prompts, lens)]
+        for h, p, n in zip(hs, prompts, lens):
+            assert h.result().token_ids == reference(p, n)
+    assert 0 < peak["target"] <= 400 and 0 < peak["draft"] <= 400, peak
+    assert max(s.rows for s in engine.stats.steps) > 1
+
+
+# ------------------------------------------------------------ generate allocates as it goes (8)
+def test_generate_with_a_huge_max_new_tokens_stops_at_eos():
+    from adaspec_hf import enable
+    from adaspec_hf.engine import SpeculativeDecoder
+
+    target, draft = pair("llama")
+    enable(target)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    full = reference([5, 6, 7, 8], 12)
+    eos = full[7]
+    want = reference([5, 6, 7, 8], 12, eos_token_id=eos)
+    dec = SpeculativeDecoder(target, draft, StaticChain(3), eos_token_id=eos, pad_token_id=0)
+    assert dec.generate(ids, None, 10**12).new_tokens[0] == want
+    out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10**12,
+                          eos_token_id=eos, pad_token_id=0, assistant_model=draft, adaptive=True,
+                          draft_policy="static-2")
+    assert out[0, 4:].tolist() == want
+    for bad in (2.5, 0, True, "3"):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            dec.generate(ids, None, bad)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        target.generate(input_ids=ids, max_new_tokens=2.5, pad_token_id=0, assistant_model=draft, adaptive=True,
+                        draft_policy="static-2")
+
+
+# ---------------------------------------------------------------- per-request state is dropped (9)
+def test_per_request_state_is_dropped(monkeypatch):
+    from adaspec_hf import serving
+    from adaspec_hf.planner import AdaptivePlanner
+    from adaspec_hf.policies import Heuristic
+
+    monkeypatch.setattr(serving, "STEP_HISTORY", 16)
+    monkeypatch.setattr(serving, "PROCESSOR_CACHE_SIZE", 4)
+    target, _ = pair("llama")
+    draft = confident_draft()
+    prompts = make_prompts(12, 32)
+    for policy in (AdaptivePlanner(synthetic_latency()), AlwaysBehind(synthetic_latency()), Heuristic()):
+        with Engine(target, draft, policy=policy, max_rows=3, seed=0) as engine:
+            hs = [engine.submit(p, max_new_tokens=10, do_sample=i % 2 == 1, slo=SLO(tpot_ms=0.01),
+                                temperature=(0.5 + 0.1 * i) if i % 2 else None) for i, p in enumerate(prompts)]
+            for h in hs:
+                h.result()
+        st = engine.stats
+        assert len(st.steps) <= 16 and st.target_forwards > 16
+        assert st.new_tokens == sum(len(h.result().token_ids) for h in hs)
+        assert st.accepted_tokens == sum(h.result().accepted_tokens for h in hs)
+        assert st.drafted_tokens == sum(h.result().drafted_tokens for h in hs)
+        assert len(engine._proc_cache) <= 4
+        for name in ("alpha", "first_value", "k"):
+            assert not getattr(policy, name, {}), f"{type(policy).__name__}.{name} kept finished requests' state"
+
+
+def test_pair_state_is_per_draft_object_not_per_id(monkeypatch):
+    import gc
+
+    from adaspec_hf import planner, profiler
+
+    monkeypatch.setattr(profiler, "load_or_profile", lambda t, d, quick=True: synthetic_latency().profile)
+    target, _ = pair("llama")
+    drafts = [copy.deepcopy(confident_draft()) for _ in range(2)]
+    lat0, _ = planner.planner_state(target, drafts[0])
+    lat1, _ = planner.planner_state(target, drafts[1])
+    assert lat0 is not lat1 and planner.planner_state(target, drafts[0])[0] is lat0
+    n = len(planner._STATE[target])
+    del drafts[0]
+    gc.collect()
+    assert len(planner._STATE[target]) < n  # a dead draft's profile cannot be handed to a new one
+
+
+# ------------------------------------------------------------------------------- small things (10)
+def test_slo_accepts_real_numbers():
+    import numpy as np
+
+    assert SLO(tpot_ms=np.float32(20)).tpot_ms == 20.0
+    assert SLO(ttft_ms=np.int64(300)).ttft == 0.3
+    import fractions
+    assert SLO(tpot_ms=fractions.Fraction(1, 2)).tpot_ms == 0.5
+    for bad in (True, np.float64("nan"), np.float32("inf"), np.float32(0), -1, "20", None):
+        with pytest.raises(ValueError):
+            SLO(tpot_ms=bad)
+
+
+def test_start_after_close_and_shared_policies_are_refused_clearly():
+    target, draft = pair("llama")
+    engine = Engine(target, draft, policy=StaticChain(1), seed=0)
+    engine.start()  # already running: nothing happens
+    engine.close()
+    with pytest.raises(EngineClosed):
+        engine.start()
+    idle = Engine(target, draft, policy=StaticChain(1), start=False)
+    idle.close()
+    with pytest.raises(EngineClosed):
+        idle.start()
+    shared = StaticChain(2)
+    with Engine(target, draft, policy=shared, seed=0) as first:
+        with pytest.raises(ValueError, match="policy"):
+            Engine(target, draft, policy=shared, seed=0)
+        assert first.generate([5, 6], max_new_tokens=4).token_ids == reference([5, 6], 4)
+    with Engine(target, draft, policy=shared, seed=0) as again:  # free once the first is closed
+        assert again.generate([5, 6], max_new_tokens=4).token_ids == reference([5, 6], 4)
+
+
+def test_cancelled_request_behind_a_blocked_queue_head_resolves_at_once():
+    target, draft = pair("llama")
+    prompts = make_prompts(3, 33)
+    with Engine(target, draft, policy=StaticChain(0), max_rows=1, seed=0) as engine:
+        long = engine.submit(prompts[0], max_new_tokens=480, eos_token_id=[])
+        next(iter(long))  # running: the only row is taken, the queue head waits
+        head = engine.submit(prompts[1], max_new_tokens=5)
+        victim = engine.submit(prompts[2], max_new_tokens=5)
+        victim.cancel()
+        assert victim.result(timeout=60).finish_reason == "cancelled"
+        assert not long.done(), "the cancelled request waited for the running one to finish"
+        long.cancel()
+        assert head.result(timeout=60).token_ids == reference(prompts[1], 5)
+
+
+def test_dropped_engine_stops_its_thread():
+    import gc
+
+    target, draft = pair("llama")
+    engine = Engine(target, draft, policy=StaticChain(1), seed=0)
+    assert engine.generate([5, 6, 7], max_new_tokens=3).token_ids == reference([5, 6, 7], 3)
+    thread = engine._thread
+    del engine
+    gc.collect()
+    thread.join(30)
+    assert not thread.is_alive()

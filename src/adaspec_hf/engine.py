@@ -13,22 +13,37 @@ committed text, processors, sampling mode, and what to do with emitted tokens. T
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 
 from .drafter import TreeDrafter
+from .hf_compat import execution_device
 from .kvstate import KVState, check_cache_support
 from .policies import DraftPolicy, StepContext, StepOutcome
 from .processing import Processing
-from .rejection import Verdict, accept_greedy, accept_sampling
+from .rejection import NO_TOKEN, Verdict, accept_coupled, accept_greedy, accept_sampling, inverse_cdf, position_uniform
 from .tree import DraftTree
 
 logger = logging.getLogger("adaspec_hf")
+
+KEY_RANGE = 1 << 62  # per-row sampling keys are drawn in [0, KEY_RANGE) (non-negative int64)
+INITIAL_CAPACITY = 256  # generated tokens per row allocated up front; the buffer doubles on demand
+NO_TOKEN_MESSAGE = ("no token to sample: the processed distribution gives every token probability 0 "
+                    "(e.g. no_repeat_ngram_size / bad_words_ids ban all of them and there is no EOS)")
+
+
+def draw_keys(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` sampling keys (CPU int64) from ``generator`` (default: torch's global RNG): a fixed
+    number of draws per call, whatever is drafted later."""
+    dev = generator.device if generator is not None else "cpu"
+    return torch.randint(0, KEY_RANGE, (n,), generator=generator, device=dev).cpu()
 
 
 @dataclass
@@ -51,22 +66,38 @@ class GenerationStats:
     prefill_time: float = 0.0
     total_time: float = 0.0
     new_tokens: int = 0
+    history: int | None = None  # keep only the last ``history`` records (long-running engines)
+    # totals of the records dropped from ``steps``: forwards, row-steps, drafted, accepted
+    folded: list[int] = field(default_factory=lambda: [0, 0, 0, 0], repr=False)
+
+    def record(self, step: StepRecord) -> None:
+        """Append a step record; beyond ``history`` the oldest are folded into the totals."""
+        self.steps.append(step)
+        if self.history is not None and len(self.steps) > self.history:
+            cut = len(self.steps) - self.history
+            old = self.steps[:cut]
+            del self.steps[:cut]
+            f = self.folded
+            f[0] += len(old)
+            f[1] += sum(s.rows for s in old)
+            f[2] += sum(sum(s.drafted) for s in old)
+            f[3] += sum(sum(s.accepted) for s in old)
 
     @property
     def target_forwards(self) -> int:
-        return len(self.steps)
+        return self.folded[0] + len(self.steps)
 
     @property
     def row_steps(self) -> int:
-        return sum(s.rows for s in self.steps)
+        return self.folded[1] + sum(s.rows for s in self.steps)
 
     @property
     def drafted_tokens(self) -> int:
-        return sum(sum(s.drafted) for s in self.steps)
+        return self.folded[2] + sum(sum(s.drafted) for s in self.steps)
 
     @property
     def accepted_tokens(self) -> int:
-        return sum(sum(s.accepted) for s in self.steps)
+        return self.folded[3] + sum(sum(s.accepted) for s in self.steps)
 
     @property
     def accepted_per_step(self) -> float:
@@ -113,8 +144,8 @@ class RowBatch:
 
     def __init__(self, target: PreTrainedModel, draft: PreTrainedModel):
         self.tkv, self.dkv = KVState(target), KVState(draft)
-        self.draft_device = draft.device
-        dev = target.device
+        self.draft_device = self.dkv.device  # where it computes (accelerate disk offload: not .device)
+        dev = self.tkv.device
         self.rid = torch.zeros(0, dtype=torch.long, device=dev)
         self.length = torch.zeros(0, dtype=torch.long, device=dev)
         self.draft_seen = torch.zeros(0, dtype=torch.long, device=dev)
@@ -123,11 +154,13 @@ class RowBatch:
     def rows(self) -> int:
         return int(self.rid.shape[0])
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rid: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rid: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Prefill both caches with left-padded prompts; return the target's last logits (B, V) float32.
         The caller commits the first token (``length`` already counts it as pending)."""
-        logits = self.tkv.prefill(input_ids, attention_mask).float()
-        self.dkv.prefill(input_ids.to(self.draft_device), attention_mask.to(self.draft_device))
+        logits = self.tkv.prefill(input_ids, attention_mask, token_type_ids).float()
+        dtt = None if token_type_ids is None else token_type_ids.to(self.draft_device)
+        self.dkv.prefill(input_ids.to(self.draft_device), attention_mask.to(self.draft_device), dtt)
         real = attention_mask.sum(1).to(self.rid.device)
         self.rid = rid.to(self.rid.device)
         self.draft_seen = real.clone()
@@ -152,10 +185,58 @@ class RowBatch:
         self.tkv.maybe_compact(threshold)
         self.dkv.maybe_compact(threshold)
 
+    def force_compact(self) -> None:
+        """Compact both caches now (holes and left padding go), e.g. to stay within a slot bound."""
+        self.tkv.compact()
+        self.dkv.compact()
+
     @property
     def cached_slots(self) -> int:
         """Slots held by the target cache (rows x length, holes and padding included)."""
         return self.tkv.rows * self.tkv.length
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """All or nothing: if the body raises (e.g. out of memory half-way through merging rows or
+        compacting), the batch and both caches are put back as they were, and the error propagates.
+
+        Cache surgery and forwards replace tensors rather than writing into them, so the checkpoint
+        is references only; the price is that the old tensors live until the body has finished."""
+        saved = self._checkpoint()
+        try:
+            yield
+        except BaseException:
+            self._restore(saved)
+            raise
+
+    def _checkpoint(self) -> tuple:
+        own = {k: v for k, v in self.__dict__.items() if k not in ("tkv", "dkv")}
+        return own, _kv_checkpoint(self.tkv), _kv_checkpoint(self.dkv)
+
+    def _restore(self, saved: tuple) -> None:
+        own, t, d = saved
+        self.__dict__.update(own)
+        _kv_restore(self.tkv, t)
+        _kv_restore(self.dkv, d)
+
+
+def _kv_checkpoint(kv: KVState) -> tuple:
+    cache = kv.cache
+    layers = list(getattr(cache, "layers", []))
+    return dict(kv.__dict__), cache, dict(cache.__dict__), layers, [dict(layer.__dict__) for layer in layers]
+
+
+def _kv_restore(kv: KVState, saved: tuple) -> None:
+    state, cache, cache_state, layers, layer_states = saved
+    kv.__dict__.clear()
+    kv.__dict__.update(state)
+    cache.__dict__.clear()
+    cache.__dict__.update(cache_state)
+    if hasattr(cache, "layers"):
+        cache.layers[:] = layers
+    for layer, st in zip(layers, layer_states):
+        layer.__dict__.clear()
+        layer.__dict__.update(st)
 
 
 # (rows (M,), paths (M, D), depths (M,) or None) -> [(row key, full token prefix)] for processors
@@ -188,6 +269,17 @@ class RowSource:
     def sampling(self, rid: torch.Tensor) -> bool | torch.Tensor:
         """True/False for the whole batch, or a (B,) bool tensor (mixed batches)."""
         return False
+
+    def sample_keys(self, rid: torch.Tensor) -> torch.Tensor | None:
+        """(B,) int64 sampling keys of the rows: sampled tokens are then position-keyed draws
+        (reproducible whatever is drafted, see :func:`~adaspec_hf.rejection.accept_coupled`).
+        None: draw from the step's generator in sequence (speculative sampling's own rule)."""
+        return None
+
+    def fail_rows(self, rid: torch.Tensor, bad: torch.Tensor, error: Exception) -> None:
+        """Rows ``bad`` (B,) cannot continue (no valid token to sample). Default: raise ``error``;
+        the serving engine fails those requests alone."""
+        raise error
 
     def context(self, **kw) -> StepContext:
         return StepContext(**kw)
@@ -232,6 +324,7 @@ class SpecStep:
 
     ``draft_sampling``: sample chain drafts from the draft's distribution (else the draft's top
     tokens, which the lossless acceptance rule handles for greedy and sampling rows alike).
+    ``generator``: for sampled rows without keys (:meth:`RowSource.sample_keys`), and sampled drafts.
     """
 
     def __init__(self, policy: DraftPolicy, *, draft_sampling: bool = False,
@@ -246,8 +339,13 @@ class SpecStep:
             torch.cuda.synchronize(dev)
 
     @torch.no_grad()
-    def __call__(self, batch: RowBatch, src: RowSource, step: int) -> tuple[torch.Tensor, StepRecord]:
-        """Advance every row of ``batch`` by one verify pass; return (finished (B,), record)."""
+    def __call__(self, batch: RowBatch, src: RowSource, step: int, *, max_nodes: int | None = None,
+                 max_depth_cap: int | None = None) -> tuple[torch.Tensor, StepRecord]:
+        """Advance every row of ``batch`` by one verify pass; return (finished (B,), record).
+
+        ``max_nodes`` / ``max_depth_cap``: at most that many verified nodes per row / draft levels
+        (a cache-slot bound). Rows are committed last (``src.commit``): if anything before raises,
+        no request has seen a token of this step and the caller may roll the batch back and retry."""
         tkv, dkv = batch.tkv, batch.dkv
         dev = batch.rid.device
         rid, length = batch.rid, batch.length
@@ -260,6 +358,8 @@ class SpecStep:
                           step=step, row_ids=rid)
         max_depth = self.policy.max_depth(ctx).to(dev).clamp(min=0)
         max_depth = torch.minimum(max_depth, remaining - 1).clamp(min=0)
+        if max_depth_cap is not None:
+            max_depth = max_depth.clamp(max=max(int(max_depth_cap), 0))
         prefix_of = src.prefix_fn(rid)
         process = src.process_fn(rid)
         tree = DraftTree.empty(bsz, dev)
@@ -272,6 +372,9 @@ class SpecStep:
             batch.draft_seen = length.clone()
             tree = drafter.grow(root_logits, self.policy, ctx, max_depth, process or _identity_process, prefix_of)
             keep_nodes = self.policy.select(tree, ctx)
+            if tree.width and max_nodes is not None:
+                # nodes are packed in topological order per row: a prefix keeps every ancestor
+                keep_nodes = keep_nodes & (torch.arange(tree.width, device=dev)[None, :] < max(int(max_nodes), 0))
             if tree.width:
                 tree = tree.select(keep_nodes)
         self._sync(dev)
@@ -303,12 +406,17 @@ class SpecStep:
                 lambda: prefix_of(flat_rows, paths.reshape(bsz * q, -1), depths),
             ).reshape(bsz, q, -1)
         if isinstance(smp, torch.Tensor) and bool(smp.any()) and not bool(smp.all()):
-            verdict = _merge_verdicts(smp, accept_sampling(tree, torch.softmax(scores, -1), self.generator),
+            verdict = _merge_verdicts(smp, self._accept_sampled(tree, scores, src, rid, length),
                                       accept_greedy(tree, scores))
         elif any_smp:
-            verdict = accept_sampling(tree, torch.softmax(scores, -1), self.generator)
+            verdict = self._accept_sampled(tree, scores, src, rid, length)
         else:
             verdict = accept_greedy(tree, scores)
+        emitted, n_emit = verdict.emitted, verdict.n_emitted
+        bad = emitted.gather(1, verdict.n_accepted[:, None])[:, 0] == NO_TOKEN
+        if bool(bad.any()):
+            src.fail_rows(rid, bad, ValueError(NO_TOKEN_MESSAGE))
+            emitted = emitted.clamp(min=0)
 
         # ---- commit: root + accepted path in the target cache; fed accepted nodes in the draft's
         ar_q = torch.arange(q, device=dev)
@@ -320,8 +428,6 @@ class SpecStep:
             dkv.commit(tree.draft_slot, fed)
             batch.draft_seen = batch.draft_seen + fed.sum(1)
         tkv.commit((s0 + ar_q)[None, :].expand(bsz, q), slot_keep)
-        n_emit = verdict.n_emitted
-        finished = src.commit(rid, verdict.emitted, n_emit, scores, raw, verdict.source)
         batch.length = length + n_emit
         self._sync(dev)
         t2 = time.perf_counter()
@@ -335,7 +441,20 @@ class SpecStep:
             accept_prob=verdict.accept_prob, accepted=verdict.accepted,
             step_time=t2 - t0, draft_time=t1 - t0, verify_time=t2 - t1, context_len=batch.length, row_ids=rid,
         ))
+        finished = src.commit(rid, emitted, n_emit, scores, raw, verdict.source)  # last: see the docstring
         return finished, record
+
+    def _accept_sampled(self, tree: DraftTree, scores: torch.Tensor, src: RowSource, rid: torch.Tensor,
+                        length: torch.Tensor) -> Verdict:
+        """Position-keyed draws when the rows have sampling keys, else the generator's sequence."""
+        probs = torch.softmax(scores, -1)
+        keys = src.sample_keys(rid)
+        if keys is None:
+            return accept_sampling(tree, probs, self.generator)
+        depth = int(tree.depth.max()) if tree.width else 0
+        # the token after verify index at depth d sits at sequence position length + d
+        positions = length[:, None] + torch.arange(depth + 1, device=length.device)[None, :]
+        return accept_coupled(tree, probs, position_uniform(keys, positions))
 
 
 # ------------------------------------------------------------------------------ one generate call
@@ -347,8 +466,11 @@ class _BufferRows(RowSource):
         b, p = input_ids.shape
         dev = dec.device
         self.dec, self.p, self.max_new = dec, p, max_new
-        self.out = torch.full((b, p + max_new + 1), dec.pad_token_id, dtype=torch.long, device=dev)
+        # allocated as tokens arrive: max_new_tokens may be far beyond where EOS stops the rows
+        self.out = torch.full((b, p + min(max_new, INITIAL_CAPACITY) + 1), dec.pad_token_id, dtype=torch.long,
+                              device=dev)
         self.out[:, :p] = input_ids
+        self.keys = draw_keys(b, dec.generator).to(dev) if dec.do_sample else None
         self.n_gen = torch.zeros(b, dtype=torch.long, device=dev)
         self.pad = p - attention_mask.sum(1)  # left padding per original row
         self.process = Processing(dec.processors, batch_size=b)
@@ -382,6 +504,19 @@ class _BufferRows(RowSource):
     def sampling(self, rid):
         return self.dec.do_sample
 
+    def sample_keys(self, rid):
+        return None if self.keys is None else self.keys[rid]
+
+    def ensure_capacity(self, columns: int) -> None:
+        """Grow the token buffer (doubling, up to prompt + max_new + 1 columns) to hold ``columns``."""
+        have = self.out.shape[1]
+        if columns <= have:
+            return
+        width = min(max(columns, 2 * have), self.p + self.max_new + 1)
+        grown = torch.full((self.out.shape[0], width), self.dec.pad_token_id, dtype=torch.long, device=self.out.device)
+        grown[:, :have] = self.out
+        self.out = grown
+
     def commit(self, rid, emitted, n_emit, scores, raw, source):
         rows_ar = torch.arange(rid.shape[0], device=rid.device)
         sc = scores[rows_ar[:, None], source] if self.dec.output_scores else None
@@ -410,6 +545,9 @@ class _BufferRows(RowSource):
         keep = ar[None, :] < cut[:, None]
         cols = (p + n_gen[rid])[:, None] + ar[None, :]
         r2 = rid[:, None].expand(bsz, m)
+        if bool(keep.any()):
+            self.ensure_capacity(int(cols[keep].max()) + 2)
+            out = self.out
         out[r2[keep], cols[keep]] = emitted[keep]
         if sc is not None or lg is not None:
             for i, orig in enumerate(rid.tolist()):
@@ -438,7 +576,13 @@ class _BufferRows(RowSource):
 
 
 class SpeculativeDecoder:
-    """Batched lossless speculative decoding for a target/draft pair sharing a vocabulary."""
+    """Batched lossless speculative decoding for a target/draft pair sharing a vocabulary.
+
+    Sampling: each call draws one key per row from ``generator`` (default: torch's global RNG), and
+    every sampled token is the position-keyed draw of :func:`~adaspec_hf.rejection.accept_coupled`,
+    so the same seed gives the same text whatever the policy drafts. ``max_new_tokens`` is not
+    allocated up front (rows that stop at EOS cost only what they generated).
+    """
 
     def __init__(
         self,
@@ -465,7 +609,7 @@ class SpeculativeDecoder:
         self.do_sample = do_sample
         self.processors = processors
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        self.device = target.device
+        self.device = execution_device(target)
         self.eos = torch.tensor(eos, dtype=torch.long, device=self.device)
         self.pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         self.stopping = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
@@ -481,14 +625,19 @@ class SpeculativeDecoder:
         if self.timing and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _pick(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.do_sample:
-            return torch.multinomial(torch.softmax(scores, -1), 1, generator=self.generator)[:, 0]
-        return scores.argmax(-1)
+    def _pick(self, scores: torch.Tensor, rows: "_BufferRows", real: torch.Tensor) -> torch.Tensor:
+        """First token per row; sampled ones are the position-keyed draw at position ``real``."""
+        if not self.do_sample:
+            return scores.argmax(-1)
+        first = inverse_cdf(torch.softmax(scores, -1), position_uniform(rows.keys, real[:, None])[:, 0])
+        if bool((first == NO_TOKEN).any()):
+            raise ValueError(NO_TOKEN_MESSAGE)
+        return first
 
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+        token_type_ids: torch.Tensor | None = None,
     ) -> DecodeResult:
         t_start = time.perf_counter()
         dev = self.device
@@ -502,8 +651,9 @@ class SpeculativeDecoder:
             raise ValueError("a prompt is empty (attention_mask all zeros); every row needs >= 1 token")
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("prompts must be left-padded (attention_mask ends with 0 in some row)")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
         b, p = input_ids.shape
         stats = GenerationStats(policy=getattr(self.policy, "name", type(self.policy).__name__))
         self.policy.reset()
@@ -511,9 +661,9 @@ class SpeculativeDecoder:
 
         # prefill both models; the target's last logits give the first token, as in HF generate
         batch = RowBatch(self.target, self.draft)
-        first_logits = batch.prefill(input_ids, attention_mask, torch.arange(b, device=dev))
+        first_logits = batch.prefill(input_ids, attention_mask, torch.arange(b, device=dev), token_type_ids)
         first_scores = rows.process(first_logits, lambda: list(enumerate(input_ids)))
-        first = self._pick(first_scores)
+        first = self._pick(first_scores, rows, attention_mask.sum(1))
         self._sync()
         stats.prefill_time = time.perf_counter() - t_start
         if self.streamer is not None:
@@ -523,7 +673,9 @@ class SpeculativeDecoder:
             first_scores[:, None] if self.output_scores else None,
             first_logits[:, None] if self.output_logits else None,
         )
-        stepper = SpecStep(self.policy, draft_sampling=self.do_sample, generator=self.generator, timing=self.timing)
+        # drafts are the draft's top tokens: sampled rows are verified by position-keyed draws, so
+        # the output (and the RNG consumed) do not depend on what the policy drafts
+        stepper = SpecStep(self.policy, draft_sampling=False, generator=self.generator, timing=self.timing)
         step = 0
         while True:
             keep = ~finished
@@ -535,7 +687,7 @@ class SpeculativeDecoder:
                 batch.keep(torch.nonzero(keep)[:, 0])
             step += 1
             finished, record = stepper(batch, rows, step)
-            stats.steps.append(record)
+            stats.record(record)
             batch.maybe_compact(self.compaction_threshold)
 
         if self.streamer is not None:

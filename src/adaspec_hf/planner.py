@@ -29,6 +29,8 @@ from .tree import DraftTree
 
 logger = logging.getLogger("adaspec_hf")
 
+CHOSEN_HISTORY = 4096  # per-step statistics kept by a planner (a long-running engine steps forever)
+
 
 class AdaptivePlanner(DraftPolicy):
     """Goodput-maximising draft policy (chains by default; ``tree=True`` for token trees)."""
@@ -77,6 +79,10 @@ class AdaptivePlanner(DraftPolicy):
         self.last_predicted_time: float | None = None
         self._step: dict = {}
         self.chosen: list[float] = []  # mean verified nodes per row, per step (statistics)
+
+    def forget(self, row_id: int) -> None:
+        self.alpha.pop(row_id, None)
+        self.first_value.pop(row_id, None)
 
     # ------------------------------------------------------------------ costs
     def _costs(self, rows: int, context: float, max_q: int) -> np.ndarray:
@@ -261,6 +267,8 @@ class AdaptivePlanner(DraftPolicy):
                 rate = sum(n_acc) / total
                 self.acceptance.running_rate = 0.9 * self.prior + 0.1 * rate
             self.chosen.append(float(tree.valid.sum(1).float().mean()))
+        if len(self.chosen) > CHOSEN_HISTORY:
+            del self.chosen[: len(self.chosen) - CHOSEN_HISTORY // 4]
         if st:
             q = 1 + (int(tree.valid.sum(1).max()) if tree.width else 0)
             context = st["context"]
@@ -303,6 +311,9 @@ class SmartSpec(AdaptivePlanner):
     def select(self, tree: DraftTree, ctx: StepContext) -> torch.Tensor:
         return tree.valid  # uniform k: verify everything drafted
 
+    def forget(self, row_id: int) -> None:
+        pass  # its one rate is batch-wide (key 0), not a request's
+
     def observe(self, outcome: StepOutcome) -> None:
         tree = outcome.tree
         if tree.width:  # one batch-wide rate, kept under a single key
@@ -337,23 +348,24 @@ _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def planner_state(target, draft, sampling: bool = False) -> tuple[LatencyModel, AcceptanceModel]:
     """Latency model (profiled on this machine, cached on disk) and acceptance calibration for a pair,
-    kept on the target object so that calibration carries over between ``generate`` calls. Greedy
-    (argmax match) and sampling (min(1, p/q)) acceptance are different quantities: one calibration
-    each, one latency model."""
-    per_target = _STATE.setdefault(target, {})
-    key = id(draft)
-    if key not in per_target:
+    kept while both model objects live so that calibration carries over between ``generate`` calls.
+    Keyed by the draft object itself (weakly), never by ``id(draft)``: a new draft allocated where a
+    dead one was must not inherit its profile. Greedy (argmax match) and sampling (min(1, p/q))
+    acceptance are different quantities: one calibration each, one latency model."""
+    per_target = _STATE.get(target)
+    if per_target is None:
+        per_target = _STATE[target] = weakref.WeakKeyDictionary()
+    state = per_target.get(draft)
+    if state is None:
         from .profiler import load_or_profile
 
         profile = load_or_profile(target, draft, quick=True)
-        per_target[key] = (LatencyModel(profile), AcceptanceModel())
-    latency, greedy_acc = per_target[key]
+        state = per_target[draft] = {"latency": LatencyModel(profile), "greedy": AcceptanceModel()}
     if not sampling:
-        return latency, greedy_acc
-    skey = (key, "sampling")
-    if skey not in per_target:
-        per_target[skey] = AcceptanceModel()
-    return latency, per_target[skey]
+        return state["latency"], state["greedy"]
+    if "sampling" not in state:
+        state["sampling"] = AcceptanceModel()
+    return state["latency"], state["sampling"]
 
 
 def make_planner(name: str, target, draft, sampling: bool = False) -> DraftPolicy:

@@ -83,6 +83,9 @@ class DraftPolicy:
     def reset(self) -> None:
         pass
 
+    def forget(self, row_id: int) -> None:
+        """Row ``row_id`` (a request) has left for good: drop what is kept for it."""
+
 
 class StaticChain(DraftPolicy):
     """Fixed draft length ``k`` for every row and step (``k=0``: no speculation)."""
@@ -148,6 +151,9 @@ class Heuristic(DraftPolicy):
 
     def reset(self) -> None:
         self.k.clear()
+
+    def forget(self, row_id: int) -> None:
+        self.k.pop(row_id, None)
 
     def _ids(self, n: int, row_ids: torch.Tensor | None) -> list[int]:
         return row_ids.tolist() if row_ids is not None else list(range(n))

@@ -8,7 +8,11 @@
             print(chunk.text, end="")
         print(h.result().tpot, h.result().slo_met)
 
-A background thread runs the step loop until :meth:`Engine.close`. Between steps, finished and
+A background thread runs the step loop until :meth:`Engine.close` (or until the engine is dropped).
+Faults stay with their request or step: cache surgery and each step are all-or-nothing
+(:meth:`RowBatch.atomic <adaspec_hf.engine.RowBatch.atomic>`), so an out-of-memory error is rolled
+back and retried, then fails only the newcomer or that step's rows; a request whose processor,
+sampling distribution or tokenizer fails fails alone; every handle resolves. Between steps, finished and
 cancelled requests leave the batch (``KVState.select_rows``) and queued ones are prefilled alone and
 merged in (``KVState.append_rows``): earliest TTFT deadline first (latest start = deadline minus the
 prefill time predicted by the latency model), and into a running batch only while no running
@@ -28,8 +32,11 @@ import heapq
 import itertools
 import logging
 import math
+import numbers
 import threading
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -40,13 +47,14 @@ from transformers import (
 )
 
 from .hf_compat import logits_processors, prepare_generation_config
-from .engine import GenerationStats, RowBatch, RowSource, SpecStep
+from .engine import NO_TOKEN_MESSAGE, GenerationStats, RowBatch, RowSource, SpecStep, draw_keys
 from .serving_handle import Chunk, EngineClosed, RequestHandle, RequestResult
 from .kvstate import check_cache_support
-from .planner import AdaptivePlanner, SmartSpec
-from .policies import DraftPolicy, Heuristic, LevelContext, StepContext
+from .planner import AdaptivePlanner
+from .policies import DraftPolicy, LevelContext, StepContext
 from .processing import Processing
 from .selection import best_prefix, top_n_subtree
+from .rejection import NO_TOKEN, inverse_cdf, position_uniform
 from .slo import SLO
 from .tree import DraftTree
 
@@ -54,6 +62,14 @@ logger = logging.getLogger("adaspec_hf")
 
 __all__ = ["Chunk", "Engine", "EngineClosed", "RequestHandle", "RequestResult", "SLO", "SLOPlanner",
            "ServingStepContext", "make_engine_policy"]
+
+STEP_HISTORY = 4096  # step records an engine keeps (totals count every step); bounded memory
+PROCESSOR_CACHE_SIZE = 64  # distinct stateless sampling settings whose processors are kept for reuse
+STEP_RETRIES = 1  # a failed step is rolled back and retried this often before its rows fail
+SURGERY_RETRIES = 1  # same for dropping rows / compacting (a transient OOM costs no request)
+MERGE_RETRIES = 1  # a newcomer whose merge into the batch failed is prefilled again this often
+IDLE_POLL_S = 0.1  # an idle step loop re-checks for work (and for its engine being dropped) this often
+MAX_SEED = 1 << 63  # submit(seed=) range: a non-negative int64 key
 
 
 # ----------------------------------------------------------------------------------- a request
@@ -80,6 +96,8 @@ class _Request:
     text: str = ""
     failed: BaseException | None = None
     admitted: bool = False
+    key: int = 0  # sampling key: its tokens are position-keyed draws (same text whatever the batch)
+    merge_failures: int = 0
 
     @property
     def n(self) -> int:
@@ -123,11 +141,28 @@ def _cut_tokens(r: _Request, toks: list[int], tokenizer=None) -> tuple[list[int]
     return toks, reason
 
 
+def _stable_text(text: str) -> str:
+    """The part of a partial decode that later tokens cannot change under HF's
+    ``clean_up_tokenization_spaces`` (which deletes the space before punctuation and around a
+    quote, e.g. "a ' b" -> "a'b"): everything before the last whitespace, backed off past a
+    trailing quote or space."""
+    cut = max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
+    stable = text[:cut] if cut >= 0 else ""
+    while stable:
+        stable = stable.rstrip()
+        if not stable.endswith("'"):
+            break
+        stable = stable[: max(stable.rfind(" "), 0)]
+    return stable
+
+
 class _Rows(RowSource):
     """The engine's running requests seen by :class:`SpecStep` (rows keyed by request id)."""
 
     def __init__(self, engine: "Engine"):
-        self.engine = engine
+        # weak, and the request cache is cleared after each step: an engine dropped without close()
+        # is then freed by reference counting (no cycle), which ends its thread
+        self.engine = weakref.proxy(engine)
         self._cache: tuple[list[int], list[_Request]] | None = None
         self.finish_reason: dict[int, str] = {}
 
@@ -136,6 +171,14 @@ class _Rows(RowSource):
         if self._cache is None or self._cache[0] != ids:
             self._cache = (ids, [self.engine._running[i] for i in ids])
         return self._cache[1]
+
+    def sample_keys(self, rid):
+        return torch.tensor([r.key for r in self.reqs(rid)], dtype=torch.long, device=rid.device)
+
+    def fail_rows(self, rid, bad, error):
+        for r, b in zip(self.reqs(rid), bad.tolist()):
+            if b:
+                self._fail(r, error)
 
     def remaining(self, rid):
         return torch.tensor([r.max_new - r.n_gen for r in self.reqs(rid)], dtype=torch.long, device=rid.device)
@@ -282,9 +325,6 @@ class SLOPlanner(AdaptivePlanner):
         self._need: torch.Tensor | None = None
         self.slo_nodes = 0  # nodes selected by phase 1 (statistics)
         self.behind_rows = 0  # row-steps behind their TPOT track that phase 1 served
-
-    def forget(self, row_id: int) -> None:
-        self.alpha.pop(row_id, None)
 
     # ------------------------------------------------------------------------------ helpers
     def _verify_at(self, q: int) -> float:
@@ -469,15 +509,49 @@ def make_engine_policy(policy: "str | DraftPolicy", target, draft) -> DraftPolic
 
 def _forget(policy: DraftPolicy, row_id: int) -> None:
     """Drop per-request state a policy keeps by row id (long-running engines)."""
-    if hasattr(policy, "forget"):
-        policy.forget(row_id)
-    elif isinstance(policy, AdaptivePlanner) and not isinstance(policy, SmartSpec):
-        policy.alpha.pop(row_id, None)
-    elif isinstance(policy, Heuristic):
-        policy.k.pop(row_id, None)
+    forget = getattr(policy, "forget", None)
+    if callable(forget):
+        forget(row_id)
     chosen = getattr(policy, "chosen", None)
     if isinstance(chosen, list) and len(chosen) > 4096:
         del chosen[:-1024]
+
+
+def _claim_policy(policy: DraftPolicy, engine: "Engine") -> None:
+    """One policy object serves one engine: its per-step state (and per-row state keyed by request
+    ids, which restart at 1 in every engine) would be mixed up by two step loops."""
+    owner = getattr(policy, "_adaspec_engine", None)
+    other = owner() if owner is not None else None
+    if other is not None and other is not engine and not other._released:
+        raise ValueError(
+            f"this {type(policy).__name__} policy object is already used by another running Engine; give each "
+            "engine its own policy (a new one, or copy.deepcopy(policy)), or close the other engine first")
+    policy._adaspec_engine = weakref.ref(engine)
+
+
+def _engine_thread(ref: "weakref.ref[Engine]") -> None:
+    """The step loop. It holds its engine only during an iteration, so an engine dropped without
+    close() is collected and its thread ends (within ``IDLE_POLL_S``)."""
+    while True:
+        engine = ref()
+        if engine is None:
+            return
+        state = engine._tick()
+        if state == "stop":
+            engine._on_stop()
+            return
+        if state == "idle":
+            wake = engine._wake
+            with wake:
+                if engine._idle_locked():
+                    engine = None
+                    wake.wait(timeout=IDLE_POLL_S)
+        engine = None
+
+
+def _wake_up(cond: threading.Condition) -> None:
+    with cond:
+        cond.notify_all()
 
 
 def _max_positions(model: PreTrainedModel) -> int | None:
@@ -499,8 +573,11 @@ class Engine:
 
     ``policy``: a name (``"slo"`` default: :class:`SLOPlanner`; ``"adaptive"``, ``"smartspec"``,
     ``"static-K"``, ...) or a :class:`~adaspec_hf.policies.DraftPolicy`. ``max_rows``: requests in
-    the running batch at once. ``max_cached_tokens``: bound on the sum over running requests of
-    prompt + max_new_tokens (a request that alone exceeds it is refused). ``seed``: sampling RNG.
+    the running batch at once. ``max_cached_tokens``: bound on each model's KV cache slots, rows x
+    cache length with left padding and holes included, at every forward: a request joins only while
+    rows x the longest request (prompt + max_new_tokens) fits, speculation is capped to the room
+    left, and the caches are compacted when needed (a request that alone exceeds it is refused).
+    ``seed``: per-request sampling keys, drawn in submission order (see :meth:`submit`).
     ``latency``: a :class:`~adaspec_hf.latency.LatencyModel` for admission decisions (default: the
     policy's, if it has one). ``best_effort_wait_s``: longest a request without a TTFT objective
     waits for admission while SLO requests are protected.
@@ -519,12 +596,14 @@ class Engine:
             raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
         if max_cached_tokens is not None and (not isinstance(max_cached_tokens, int) or max_cached_tokens < 2):
             raise ValueError(f"max_cached_tokens must be an integer >= 2 or None, got {max_cached_tokens!r}")
-        self.target, self.draft, self.tokenizer = target, draft, tokenizer
-        self.policy = make_engine_policy(policy, target, draft)
-        self.policy.reset()
-        self.latency = latency if latency is not None else getattr(self.policy, "latency", None)
         if not (isinstance(best_effort_wait_s, (int, float)) and best_effort_wait_s >= 0):
             raise ValueError(f"best_effort_wait_s must be >= 0 seconds, got {best_effort_wait_s!r}")
+        self.target, self.draft, self.tokenizer = target, draft, tokenizer
+        self._released = False
+        self.policy = make_engine_policy(policy, target, draft)
+        _claim_policy(self.policy, self)  # before reset(): never disturb another engine's policy
+        self.policy.reset()
+        self.latency = latency if latency is not None else getattr(self.policy, "latency", None)
         self.best_effort_wait_s = float(best_effort_wait_s)
         self.max_rows, self.max_cached_tokens = max_rows, max_cached_tokens
         self.compaction_threshold = compaction_threshold
@@ -533,18 +612,21 @@ class Engine:
         limits = [m for m in (_max_positions(target), _max_positions(draft)) if m]
         self.max_positions = min(limits) if limits else None
         self.generator = torch.Generator(device=self.device)
+        self._key_gen = torch.Generator()  # per-request sampling keys, drawn in submission order
         if seed is None:
             self.generator.seed()
+            self._key_gen.seed()
         else:
             self.generator.manual_seed(int(seed))
-        self.stats = GenerationStats(policy=getattr(self.policy, "name", type(self.policy).__name__))
+            self._key_gen.manual_seed(int(seed))
+        self.stats = GenerationStats(policy=getattr(self.policy, "name", type(self.policy).__name__),
+                                     history=STEP_HISTORY)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._incoming: list[_Request] = []
         self._queue: list[tuple[float, float, int, _Request]] = []  # EDF heap of admitted-to-be
         self._running: dict[int, _Request] = {}
-        self._reserved = 0
         self._closing = False
         self._abort = False
         self._dead: BaseException | None = None
@@ -558,8 +640,12 @@ class Engine:
         self.deferred_admissions = 0  # admissions postponed to protect running TPOT objectives
         self._prefill_rate: float | None = None  # seconds per prompt token (EMA of observed prefills)
         self._prefill_log_ratio = 0.0  # observed / latency-model prefill time (log EMA)
-        self._proc_cache: dict[tuple, Processing | None] = {}
-        self._thread = threading.Thread(target=self._loop, name="adaspec-engine", daemon=True)
+        self._proc_cache: OrderedDict[tuple, Processing | None] = OrderedDict()
+        self._step_failures = 0  # consecutive failed steps (rolled back, retried)
+        self._surgery_failures = 0  # consecutive failed row drops / compactions
+        self._thread = threading.Thread(target=_engine_thread, args=(weakref.ref(self),), name="adaspec-engine",
+                                        daemon=True)
+        weakref.finalize(self, _wake_up, self._wake)  # dropped without close(): the idle loop wakes, ends
         if start:
             self._thread.start()
 
@@ -585,13 +671,17 @@ class Engine:
         slo: "SLO | dict | None" = None,
         logits_processor: LogitsProcessorList | None = None,
         generation_config: GenerationConfig | None = None,
+        seed: int | None = None,
         **generation_kwargs: Any,
     ) -> RequestHandle:
         """Queue a request. Invalid arguments raise here (``ValueError``) and affect nothing else.
 
         ``eos_token_id=None`` uses the target's generation config (``[]`` disables EOS);
         ``stop``: stop strings (need a tokenizer); other sampling arguments are those of HF
-        ``generate`` and build the same logits processors it would.
+        ``generate`` and build the same logits processors it would. ``seed``: the request's own
+        sampling seed (an int in [0, 2**63)); without it the key comes from ``Engine(seed=)`` in
+        submission order. Either way a sampled request's text does not depend on the batch around
+        it, on what was drafted, or on the machine's speed.
         """
         if self._dead is not None:
             raise EngineClosed(f"the engine's step loop stopped: {self._dead!r}")
@@ -609,6 +699,9 @@ class Engine:
             raise ValueError(f"the request needs {reserve} cached tokens (prompt + max_new_tokens); this "
                              f"engine allows {self.max_cached_tokens} (max_cached_tokens)")
         slo = SLO.coerce(slo)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                                 or not 0 <= seed < MAX_SEED):
+            raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
         sampling.update(generation_kwargs)
         processing, do_sample, eos = self._processing(ids, max_new_tokens, bool(do_sample), sampling, eos_token_id,
@@ -624,6 +717,7 @@ class Engine:
         with self._lock:
             if self._closing or self._dead is not None:
                 raise EngineClosed("the engine is closed")
+            req.key = int(seed) if seed is not None else int(draw_keys(1, self._key_gen)[0])
             self._incoming.append(req)
             self._wake.notify_all()
         return handle
@@ -644,9 +738,15 @@ class Engine:
             self._thread.join(timeout)
         elif not self._thread.is_alive() and not self._thread.ident:
             self._shutdown_unstarted()
+            self._released = True
 
     def start(self) -> None:
-        if not self._thread.is_alive():
+        """Start the step loop (``Engine(..., start=False)``); a no-op while it runs."""
+        with self._lock:
+            if self._thread.is_alive():
+                return
+            if self._closing or self._thread.ident is not None:
+                raise EngineClosed("the engine is closed; create a new Engine")
             self._thread.start()
 
     @property
@@ -725,6 +825,7 @@ class Engine:
                    gc.no_repeat_ngram_size, gc.min_new_tokens, gc.min_length, str(gc.suppress_tokens),
                    str(gc.bad_words_ids), tuple(eos_list))
             if key in self._proc_cache:
+                self._proc_cache.move_to_end(key)
                 return self._proc_cache[key], do_sample, frozenset(eos_list)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         try:
@@ -735,6 +836,8 @@ class Engine:
         proc = Processing(procs, batch_size=1) if len(procs) else None
         if key is not None and (proc is None or proc.input_free):
             self._proc_cache[key] = proc  # stateless: shared by requests with the same settings
+            while len(self._proc_cache) > PROCESSOR_CACHE_SIZE:
+                self._proc_cache.popitem(last=False)
         return proc, do_sample, frozenset(eos_list)
 
     def _stop_strings(self, stop) -> tuple[str, ...]:
@@ -753,35 +856,46 @@ class Engine:
         with self._lock:
             self._wake.notify_all()
 
-    def _loop(self) -> None:
+    def _tick(self) -> str:
+        """One iteration of the step loop: "busy" (stepped), "idle" (nothing to run) or "stop".
+        A failure is contained to its request or step; only an interrupt (KeyboardInterrupt,
+        SystemExit) stops the loop, and then every handle still resolves."""
         try:
             with torch.no_grad():
-                while True:
+                with self._lock:
+                    incoming, self._incoming = self._incoming, []
+                    abort = self._abort
+                for r in incoming:
+                    heapq.heappush(self._queue, (self._priority(r), r.arrival, r.id, r))
+                if abort:
+                    self._cancel_all()
+                    return "stop"
+                self._reap_cancelled()
+                if not self._sync_rows():
+                    return "busy"  # rows could not be dropped yet: retried next iteration, no step
+                self._admit()
+                if not self._sync_rows():  # a newcomer that failed right after its merge
+                    return "busy"
+                if self._batch.rows == 0:
                     with self._lock:
-                        incoming, self._incoming = self._incoming, []
-                        abort = self._abort
-                    for r in incoming:
-                        heapq.heappush(self._queue, (self._priority(r), r.arrival, r.id, r))
-                    if abort:
-                        self._cancel_all()
-                        return
-                    self._reap_cancelled()
-                    self._admit()
-                    if self._batch.rows == 0:
-                        with self._lock:
-                            if self._incoming or self._abort:
-                                continue
-                            if self._queue:
-                                continue
-                            if self._closing:
-                                return
-                            self._wake.wait(timeout=0.1)
-                        continue
-                    self._step()
+                        if self._closing and not self._incoming and not self._queue:
+                            return "stop"  # drained
+                    return "idle"
+                self._step()
+                return "busy"
         except BaseException as e:  # noqa: BLE001 - fail everything clearly, never hang callers
             logger.exception("adaspec engine loop died")
             self._dead = e
             self._fail_all(e)
+            return "stop"
+
+    def _idle_locked(self) -> bool:
+        """With the lock held: nothing to do until a submit, a cancel or close() wakes the loop."""
+        return not (self._incoming or self._abort or self._queue or self._closing)
+
+    def _on_stop(self) -> None:
+        """The loop has ended: the policy may serve another engine."""
+        self._released = True
 
     def _priority(self, r: _Request) -> float:
         """Latest start time that still meets the TTFT deadline (deadline - predicted prefill)."""
@@ -857,11 +971,7 @@ class Engine:
         stall = 0.0
         while self._queue and self._batch.rows < self.max_rows:
             _, _, _, r = self._queue[0]
-            if r.handle._cancel:
-                heapq.heappop(self._queue)
-                self._finish(r, "cancelled")
-                continue
-            if self.max_cached_tokens is not None and self._reserved + r.reserve > self.max_cached_tokens:
+            if not self._fits(r):
                 break
             cost = self._predict_prefill(len(r.prompt))
             if self._batch.rows:
@@ -871,10 +981,22 @@ class Engine:
                     self.deferred_admissions += 1
                     break
             heapq.heappop(self._queue)
-            self._prefill(r)
+            if not self._prefill(r):
+                break  # its merge failed and it waits for a retry: let a step run first
             stall += cost
 
-    def _prefill(self, r: _Request) -> None:
+    def _fits(self, r: _Request) -> bool:
+        """Would the batch with ``r`` stay within ``max_cached_tokens``? Every row is padded to the
+        longest, so the bound is rows x the longest request (prompt + max_new_tokens): after a
+        compaction, even the last one-token step of every row then fits."""
+        if self.max_cached_tokens is None:
+            return True
+        longest = max([q.reserve for q in self._running.values()] + [r.reserve])
+        return (len(self._running) + 1) * longest <= self.max_cached_tokens
+
+    def _prefill(self, r: _Request) -> bool:
+        """Prefill ``r`` alone, then merge it into the batch and commit its first token. False when
+        the merge failed and ``r`` went back to the queue for another try."""
         t0 = time.perf_counter()
         try:
             ids = r.buf[: len(r.prompt)][None]
@@ -883,27 +1005,66 @@ class Engine:
             scores = logits
             if r.processing is not None:
                 scores = r.processing(logits, lambda: [(0, ids[0])])
-            if r.do_sample:
-                first = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=self.generator)[0, 0])
-            else:
-                first = int(scores.argmax(-1)[0])
+            first = self._first_token(r, scores)
             now = time.perf_counter()
             self._observe_prefill(len(r.prompt), now - t0)
-            reason = self._commit(r, [first], now)
+            _, reason = _cut_tokens(r, [first], self.tokenizer)  # does it end right here?
         except Exception as e:  # noqa: BLE001 - this request fails alone
             r.failed = e
             self._finish(r, "error")
-            return
+            return True
+        except BaseException as e:  # an interrupt: this request is out of the queue, not running yet
+            r.failed = _interrupted(e)
+            self._finish(r, "error")
+            raise
+        if reason is None:
+            merged = self._merge(r, rb)
+            if merged is not True:
+                return merged is None
+        try:
+            reason = self._commit(r, [first], now)
+        except Exception as e:  # noqa: BLE001 - e.g. the tokenizer's decode raised
+            r.failed, reason = e, "error"
         if reason is not None:
-            self._finish(r, reason)
-            return
+            self._finish(r, reason)  # a merged row leaves at the next _sync_rows
+        return True
+
+    def _first_token(self, r: _Request, scores: torch.Tensor) -> int:
+        if not r.do_sample:
+            return int(scores.argmax(-1)[0])
+        key = torch.tensor([r.key], dtype=torch.long)
+        u = position_uniform(key, torch.tensor([[len(r.prompt)]]))[:, 0]
+        first = int(inverse_cdf(torch.softmax(scores.float(), -1).cpu(), u)[0])
+        if first == NO_TOKEN:
+            raise ValueError(NO_TOKEN_MESSAGE)
+        return first
+
+    def _merge(self, r: _Request, rb: RowBatch) -> bool | None:
+        """Join the running batch (all or nothing). True: running. False: the merge failed, ``r``
+        is queued again. None: it failed for good and ``r`` failed alone."""
+        try:
+            if self._batch.rows:
+                with self._batch.atomic():
+                    if self.max_cached_tokens is not None:
+                        rows, width = self._batch.rows + 1, max(self._batch.tkv.length, rb.tkv.length)
+                        if rows * max(width, self._batch.dkv.length, rb.dkv.length) > self.max_cached_tokens:
+                            self._batch.force_compact()  # holes and padding out before the merge
+                    self._batch.extend(rb)
+            else:
+                self._batch = rb
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: the batch is as it was
+            r.merge_failures += 1
+            _free_memory(self.device)
+            if r.merge_failures <= MERGE_RETRIES:
+                logger.warning("adaspec engine: merging request %d failed (%r); it will be prefilled again", r.id, e)
+                heapq.heappush(self._queue, (self._priority(r), r.arrival, r.id, r))
+                return False
+            r.failed = e
+            self._finish(r, "error")
+            return None
         r.admitted = True
-        self._reserved += r.reserve
         self._running[r.id] = r
-        if self._batch.rows == 0:
-            self._batch = rb
-        else:
-            self._batch.extend(rb)
+        return True
 
     def _commit(self, r: _Request, toks: list[int], now: float) -> str | None:
         toks, reason = _cut_tokens(r, toks, self.tokenizer)
@@ -916,12 +1077,23 @@ class Engine:
             r.t_last = now
             delta = ""
             if self.tokenizer is not None:
-                text = self.tokenizer.decode(r.buf[len(r.prompt): r.n].tolist(), skip_special_tokens=True)
-                if not text.endswith("\ufffd") or reason is not None:
-                    delta = text[len(r.text):] if text.startswith(r.text) else text
-                    r.text = text
+                delta = self._text_delta(r, final=reason is not None)
             r.handle._push(Chunk(toks, delta, now))
         return reason
+
+    def _text_delta(self, r: _Request, final: bool) -> str:
+        """New streamed text: only ever an extension of what was streamed, so the chunks add up to
+        the result's text (a decode that rewrites earlier text is held back until it settles)."""
+        text = self.tokenizer.decode(r.buf[len(r.prompt): r.n].tolist(), skip_special_tokens=True)
+        if not final:
+            if getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+                text = _stable_text(text)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character
+                return ""
+        if len(text) <= len(r.text) or not text.startswith(r.text):
+            return ""
+        delta, r.text = text[len(r.text):], text
+        return delta
 
     def _step(self) -> None:
         batch, rows = self._batch, self._rows
@@ -929,29 +1101,30 @@ class Engine:
         self._step_no += 1
         rows.finish_reason = {}
         try:
-            finished, record = self._stepper(batch, rows, self._step_no)
-        except Exception as e:  # noqa: BLE001 - a failed forward takes down the batch, not the engine
-            logger.exception("adaspec engine step failed; failing the %d running requests", len(rid_list))
-            for i in rid_list:
-                r = self._running.get(i)
-                if r is not None:
-                    r.failed = r.failed or e
-                    self._finish(r, "error")
-            self._batch = RowBatch(self.target, self.draft)
+            caps = self._slot_caps()
+            with batch.atomic():
+                finished, record = self._stepper(batch, rows, self._step_no, **caps)
+        except Exception as e:  # noqa: BLE001 - rolled back: no request saw a token of this step
+            rows._cache = None
+            self._step_failures += 1
+            _free_memory(self.device)
+            if self._step_failures <= STEP_RETRIES:
+                logger.warning("adaspec engine step failed (%r); rolled back, retrying", e)
+                return
+            logger.exception("adaspec engine step failed again; failing the %d running requests", len(rid_list))
+            self._fail_batch(e)
             return
+        self._step_failures = 0
         self._step_ema = record.step_time if self._step_ema == 0 else 0.8 * self._step_ema + 0.2 * record.step_time
         rows_n = max(record.rows, 1)
         self._tokens_ema = 0.8 * self._tokens_ema + 0.2 * (1.0 + sum(record.accepted) / rows_n)
         self._drafted_ema = 0.8 * self._drafted_ema + 0.2 * (sum(record.drafted) / rows_n)
-        self.stats.steps.append(record)
-        if len(self.stats.steps) > 100_000:
-            del self.stats.steps[:50_000]
+        self.stats.record(record)
         for rq, d, a in zip(rid_list, record.drafted, record.accepted):
             r = self._running[rq]
             r.drafted += d
             r.accepted += a
             r.steps += 1
-        keep = []
         fin = finished.tolist()
         for i, rq in enumerate(rid_list):
             r = self._running[rq]
@@ -959,53 +1132,133 @@ class Engine:
                 self._finish(r, "error")
             elif fin[i]:
                 self._finish(r, rows.finish_reason.get(rq, "length"))
-            else:
-                keep.append(i)
-        self._keep_rows(keep)
+        rows._cache = None
+        if self._sync_rows():
+            self._compact(force=False)
 
-    def _keep_rows(self, keep: list[int]) -> None:
-        if len(keep) == self._batch.rows:
-            self._batch.maybe_compact(self.compaction_threshold)
-            return
+    def _slot_caps(self) -> dict:
+        """Verified nodes / draft levels per row this step may add within ``max_cached_tokens``
+        (compacting first when holes and padding are in the way)."""
+        bound = self.max_cached_tokens
+        batch = self._batch
+        if bound is None or batch.rows == 0:
+            return {}
+        room = bound // batch.rows
+        width = max(1, int(getattr(self.policy, "max_children", 1) or 1))
+        # draft: catch-up on unseen committed tokens, then up to `width` fed nodes per level
+        catch_up = int((batch.length - batch.draft_seen).max())
+        need_t = batch.tkv.length + 1
+        need_d = batch.dkv.length + catch_up + width
+        if need_t > room or need_d > room:
+            self._compact(force=True)
+            need_t = batch.tkv.length + 1
+        nodes = room - need_t
+        if nodes < 0:
+            raise RuntimeError(f"max_cached_tokens={bound}: {batch.rows} rows x {need_t} slots do not fit")
+        levels = (room - batch.dkv.length - catch_up) // width
+        return {"max_nodes": nodes, "max_depth_cap": max(0, min(nodes, levels))}
+
+    def _compact(self, force: bool) -> None:
+        """Compact the caches (all or nothing); a failure is retried at the next step."""
+        try:
+            with self._batch.atomic():
+                if force:
+                    self._batch.force_compact()
+                else:
+                    self._batch.maybe_compact(self.compaction_threshold)
+        except Exception as e:  # noqa: BLE001 - the caches are as they were: holes cost compute, not output
+            _free_memory(self.device)
+            logger.warning("adaspec engine: compacting the cache failed (%r); retried later", e)
+            if force:
+                raise
+
+    def _sync_rows(self) -> bool:
+        """Drop the rows whose request left (finished, cancelled, failed), all or nothing. False
+        when that failed: the loop retries before any other step; after ``SURGERY_RETRIES`` the
+        remaining rows fail."""
+        ids = self._batch.rid.tolist()
+        keep = [i for i, rq in enumerate(ids) if rq in self._running]
+        if len(keep) == len(ids):
+            return True
         if not keep:
             self._batch = RowBatch(self.target, self.draft)
-            return
-        self._batch.keep(torch.tensor(keep, dtype=torch.long, device=self.device))
-        self._batch.maybe_compact(self.compaction_threshold)
+            return True
+        try:
+            with self._batch.atomic():
+                self._batch.keep(torch.tensor(keep, dtype=torch.long, device=self.device))
+        except Exception as e:  # noqa: BLE001 - the batch is as it was
+            self._surgery_failures += 1
+            _free_memory(self.device)
+            if self._surgery_failures <= SURGERY_RETRIES:
+                logger.warning("adaspec engine: dropping finished rows failed (%r); retrying", e)
+                return False
+            logger.exception("adaspec engine: could not drop finished rows; failing the batch")
+            self._fail_batch(e)
+            return True
+        self._surgery_failures = 0
+        return True
+
+    def _fail_batch(self, e: BaseException) -> None:
+        """Fail every request of the running batch (a step or its cache surgery failed for good)."""
+        for i in self._batch.rid.tolist():
+            r = self._running.get(i)
+            if r is not None:
+                r.failed = r.failed or e
+                self._finish(r, "error")
+        self._batch = RowBatch(self.target, self.draft)
+        self._step_failures = self._surgery_failures = 0
 
     def _reap_cancelled(self) -> None:
-        if not self._running:
-            return
-        gone = [r for r in self._running.values() if r.handle._cancel]
-        if not gone:
-            return
-        for r in gone:
+        """Cancelled requests leave at once, running or queued (wherever they are in the queue)."""
+        if any(q[3].handle._cancel for q in self._queue):
+            left = []
+            for item in self._queue:
+                if item[3].handle._cancel:
+                    self._finish(item[3], "cancelled")
+                else:
+                    left.append(item)
+            heapq.heapify(left)
+            self._queue = left
+        for r in [r for r in self._running.values() if r.handle._cancel]:
             self._finish(r, "cancelled")
-        ids = self._batch.rid.tolist()
-        self._keep_rows([i for i, rq in enumerate(ids) if rq in self._running])
 
     def _finish(self, r: _Request, reason: str) -> None:
-        if self._running.pop(r.id, None) is not None:
-            self._reserved -= r.reserve
-        _forget(self.policy, r.id)
+        """Resolve ``r``'s handle; never raises (a failure here must not leave a handle hanging)."""
+        try:
+            self._running.pop(r.id, None)
+            _forget(self.policy, r.id)
+        except Exception:  # noqa: BLE001 - a policy's bookkeeping cannot keep a handle unresolved
+            logger.exception("adaspec engine: dropping request %d's policy state failed", r.id)
+        try:
+            res = self._result(r, reason)
+        except Exception as e:  # noqa: BLE001 - e.g. the tokenizer's decode raised
+            r.failed = r.failed or e
+            res = RequestResult(request_id=r.id, prompt_ids=list(r.prompt),
+                                token_ids=r.buf[len(r.prompt): r.n].tolist(), text=None, finish_reason="error",
+                                arrival=r.arrival, ttft=None, tpot=None, latency=None, slo=r.slo, error=r.failed)
+        r.handle._finish(res)
+
+    def _result(self, r: _Request, reason: str) -> RequestResult:
         if reason == "error" and r.failed is None:
             r.failed = RuntimeError("request failed")
         ttft = r.t_first - r.arrival if r.t_first is not None else None
         tpot = (r.t_last - r.t_first) / (r.n_gen - 1) if r.n_gen > 1 else None
         latency = r.t_last - r.arrival if r.t_last is not None else None
-        met = None
-        if r.slo is not None:
-            met = reason in ("eos", "length", "stop") and r.slo.met(ttft, tpot)
         text = None
         if self.tokenizer is not None:
             text = self.tokenizer.decode(r.buf[len(r.prompt): r.n].tolist(), skip_special_tokens=True)
-        res = RequestResult(
+            if text.startswith(r.text) and len(text) > len(r.text) and r.n_gen:
+                r.handle._push(Chunk([], text[len(r.text):], time.perf_counter()))  # held-back text
+                r.text = text
+        met = None
+        if r.slo is not None:
+            met = reason in ("eos", "length", "stop") and r.slo.met(ttft, tpot)
+        return RequestResult(
             request_id=r.id, prompt_ids=list(r.prompt), token_ids=r.buf[len(r.prompt): r.n].tolist(), text=text,
             finish_reason=reason, arrival=r.arrival, ttft=ttft, tpot=tpot, latency=latency,
             drafted_tokens=r.drafted, accepted_tokens=r.accepted, steps=r.steps, slo=r.slo, slo_met=met,
             error=r.failed if reason == "error" else None, first_token_at=r.t_first, last_token_at=r.t_last,
         )
-        r.handle._finish(res)
 
     def _cancel_all(self) -> None:
         for _, _, _, r in self._queue:
@@ -1020,12 +1273,16 @@ class Engine:
             self._finish(r, "cancelled")
 
     def _fail_all(self, e: BaseException) -> None:
+        """The loop stops: every request not yet resolved fails (an interrupt as :class:`EngineClosed`)."""
+        if not isinstance(e, Exception):
+            e = _interrupted(e)
         with self._lock:
             late, self._incoming = self._incoming, []
             self._closing = True
         for r in [q[3] for q in self._queue] + list(self._running.values()) + late:
-            r.failed = r.failed or e
-            self._finish(r, "error")
+            if not r.handle.done():
+                r.failed = e if r.failed is None or not isinstance(r.failed, Exception) else r.failed
+                self._finish(r, "error")
         self._queue = []
 
     def _shutdown_unstarted(self) -> None:
@@ -1034,3 +1291,17 @@ class Engine:
             late, self._incoming = self._incoming, []
         for r in late:
             self._finish(r, "cancelled")
+
+
+def _interrupted(e: BaseException) -> EngineClosed:
+    """What the requests of a loop stopped by KeyboardInterrupt / SystemExit see (raising the
+    interrupt itself in a caller's thread would look like the caller's own Ctrl-C)."""
+    err = EngineClosed(f"the engine's step loop was stopped by {type(e).__name__}")
+    err.__cause__ = e
+    return err
+
+
+def _free_memory(device: torch.device) -> None:
+    """After an allocation failure: hand cached accelerator blocks back before a retry."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

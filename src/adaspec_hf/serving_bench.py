@@ -133,7 +133,7 @@ def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max
                 for r in workload.requests[:warmup]]
         for h in warm:
             h.result()
-        n_steps0 = len(engine.stats.steps)
+        n_steps0 = engine.stats.target_forwards  # counts every step (stats.steps keeps the last STEP_HISTORY)
         handles = []
         t0 = time.perf_counter()
         for r in workload.requests:
@@ -149,7 +149,8 @@ def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max
                 pass
     finally:
         engine.close(drain=False)
-    steps = engine.stats.steps[n_steps0:] if len(engine.stats.steps) >= n_steps0 else engine.stats.steps
+    new_steps = min(engine.stats.target_forwards - n_steps0, len(engine.stats.steps))
+    steps = engine.stats.steps[len(engine.stats.steps) - new_steps:]
     records, ttft, tpot, new, met = [], [], [], [], []
     last = t0
     for r, h in handles:

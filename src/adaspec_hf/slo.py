@@ -7,6 +7,7 @@ objective it sets is met (a one-token answer has no TPOT and meets any TPOT obje
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,8 @@ from typing import Any
 def _check_ms(name: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # any real number (numpy scalars, Fraction, Decimal...), never a bool
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"SLO {name} must be a number of milliseconds, got {type(value).__name__} {value!r}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
