@@ -191,3 +191,86 @@ def test_errors(models):
     flash.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="sdpa"):
         target.generate(**base, assistant_model=flash)
+
+
+# ------------------------------------------------------------------- architectures refused, saying why
+def _tiny(cls_name: str, cfg_name: str, **kw):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_name)(vocab_size=VOCAB, **kw)
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda: _tiny("MptForCausalLM", "MptConfig", n_layers=1, d_model=32, n_heads=4), "ALiBi position bias by cache slot"),
+    (lambda: _tiny("MambaForCausalLM", "MambaConfig", hidden_size=32, num_hidden_layers=1), "recurrent/state-space"),
+    (lambda: _tiny("GPTNeoForCausalLM", "GPTNeoConfig", num_layers=2, attention_types=[[["global", "local"], 1]],
+                   hidden_size=32, num_heads=4, window_size=4, max_position_embeddings=64), "window_size=4"),
+])
+def test_unsupported_architectures_say_why(build, reason):
+    from adaspec_hf.kvstate import check_cache_support
+
+    model = build()
+    with pytest.raises(ValueError, match=reason) as err:
+        check_cache_support(model)
+    assert "without adaptive=True" in str(err.value)  # and what to use instead
+
+
+def test_layer_type_refusals_name_the_layers():
+    import types
+
+    from transformers import Llama4TextConfig, Qwen3NextConfig
+
+    from adaspec_hf.kvstate import mask_spec_for
+
+    qwen = types.SimpleNamespace(config=Qwen3NextConfig(num_hidden_layers=4))
+    with pytest.raises(ValueError, match=r"\['linear_attention'\].*running state"):
+        mask_spec_for(qwen)
+    llama4 = types.SimpleNamespace(config=Llama4TextConfig(num_hidden_layers=4, attention_chunk_size=8))
+    llama4.config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="chunked_attention"):
+        mask_spec_for(llama4)
+
+
+def test_gpt_neo_without_a_binding_window_matches_generate():
+    target = _tiny("GPTNeoForCausalLM", "GPTNeoConfig", num_layers=2, attention_types=[[["global", "local"], 1]],
+                   hidden_size=32, num_heads=4, window_size=64, max_position_embeddings=64)
+    target.config._attn_implementation = "eager"
+    adaspec_hf.enable(target)
+    ids, mask = ragged_batch(2, 6, 9)
+    ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    out = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                          assistant_model=target, adaptive=True, draft_policy="static-3")
+    assert torch.equal(out, ref)
+
+
+def test_disable_restores_hf_generate():
+    target, _ = pair("llama")
+    model = adaspec_hf.enable(copy.deepcopy(target))
+    assert "generate" in vars(model)
+    adaspec_hf.disable(model)
+    assert "generate" not in vars(model) and model.generate.__func__ is type(model).generate
+
+
+@pytest.mark.parametrize("policy", ["static-3", "tree-3x2"])
+def test_bloom_alibi_matches_generate(policy):
+    """BLOOM takes no position_ids: its ALiBi bias is rebuilt from the cache's explicit key positions."""
+    target = _tiny("BloomForCausalLM", "BloomConfig", n_layer=2, hidden_size=64, n_head=4,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    draft = _tiny("BloomForCausalLM", "BloomConfig", n_layer=1, hidden_size=32, n_head=4,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(4.0)  # sharper logits: stable greedy paths
+    adaspec_hf.enable(target)
+    ids, mask = ragged_batch(3, 9, 13)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+              return_dict_in_generate=True, output_scores=True)
+    ref = target.generate(**kw)
+    out = target.generate(**kw, assistant_model=draft, adaptive=True, draft_policy=policy)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        assert torch.allclose(a, b, atol=1e-4)
+    same = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                           assistant_model=target, adaptive=True, draft_policy="static-4")  # long accepted runs
+    assert torch.equal(same, ref.sequences)

@@ -11,7 +11,7 @@ import logging
 import sys
 
 # Modules that contribute subcommands, in help order.
-_CLI_MODULES = ("demo", "pair", "profiler", "bench")
+_CLI_MODULES = ("demo", "pair", "profiler", "bench", "custom_generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

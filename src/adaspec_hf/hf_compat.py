@@ -22,6 +22,16 @@ What moves, and how each is guarded:
   added or dropped optional parameter does not break us.
 - The assisted-generation plug point ``_get_candidate_generator`` and the ``CandidateGenerator``
   base class (:func:`candidate_generator_override`, :data:`CandidateGenerator`).
+- ``GenerationConfig._get_default_generation_params`` (the values ``generate`` fills in when nobody
+  set them; an option differing from it was set by someone): :func:`generation_defaults`.
+- ``GenerationMixin._prepare_generated_length`` (``max_new_tokens`` / ``max_length`` / min-length
+  resolution, incl. "20 *new* tokens" when nothing is set): :func:`prepare_generated_length`.
+- ``torch.compile`` wrappers (``OptimizedModule._orig_mod``) hide the model's ``forward`` signature:
+  :func:`unwrap_compiled`; accelerate offload hooks (``_hf_hook.execution_device``) make
+  ``model.device`` report ``meta`` for weights offloaded to disk: :func:`execution_device`.
+- BLOOM's ``transformer.build_alibi_tensor(attention_mask, num_heads, dtype)`` derives ALiBi key
+  positions from a 2-D mask's cumsum; under a 4-D tree mask :func:`alibi_from_positions` hands it
+  the cache's explicit key positions for the duration of one forward (BLOOM takes no ``position_ids``).
 """
 from __future__ import annotations
 
@@ -38,7 +48,8 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 __all__ = [
     "CandidateGenerator", "cache_kwargs", "cache_arg_name", "output_cache", "new_cache", "cache_layers",
     "decoder_only_output", "prepare_generation_config", "prepare_special_tokens", "logits_processors",
-    "candidate_generator_override", "forward_parameters",
+    "candidate_generator_override", "forward_parameters", "generation_defaults", "prepare_generated_length",
+    "unwrap_compiled", "execution_device", "alibi_from_positions",
 ]
 
 CACHE_ARG_NAMES = ("cache", "past_key_values")  # newest first
@@ -50,8 +61,16 @@ def _forward_parameters(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
 
+def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``torch.compile`` wrapper (whose own ``forward`` is ``(*args, **kwargs)``)."""
+    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod
+    return model
+
+
 def forward_parameters(model: torch.nn.Module) -> frozenset[str]:
     """The parameter names of ``model.forward`` (cached per class: signature reads are slow)."""
+    model = unwrap_compiled(model)
     if "forward" in vars(model):  # an instance-level override (hooks, wrappers)
         return frozenset(inspect.signature(model.forward).parameters)
     return _forward_parameters(type(model))
@@ -84,6 +103,25 @@ def output_cache(output: Any) -> Any:
     return None
 
 
+def execution_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` computes: its parameters' device, or, for weights accelerate offloaded to disk
+    (parameters on ``meta``), the device its offload hooks load them to."""
+    device = getattr(model, "device", None)
+    if device is None:
+        device = next(unwrap_compiled(model).parameters()).device
+    device = torch.device(device)
+    if device.type != "meta":
+        return device
+    for module in unwrap_compiled(model).modules():
+        hook_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if hook_device is not None:
+            hook_device = torch.device(hook_device if not isinstance(hook_device, int) else f"cuda:{hook_device}")
+            if hook_device.type != "meta":
+                return hook_device
+    raise ValueError(f"{type(model).__name__} has its weights on the meta device and no accelerate offload hook "
+                     "says where it runs: load it with device_map=... (accelerate) or move it to a device")
+
+
 def new_cache() -> DynamicCache:
     """An empty cache whose layers are all plain (full) layers: windows are applied by our masks."""
     return DynamicCache()
@@ -108,11 +146,11 @@ def _output_cache_field() -> str:
     raise RuntimeError(f"GenerateDecoderOnlyOutput has no cache field (fields: {sorted(names)})")
 
 
-def decoder_only_output(sequences: torch.Tensor, scores=None, logits=None) -> GenerateDecoderOnlyOutput:
-    """HF's own output type for a decoder-only ``generate`` (no attentions, hidden states or cache)."""
+def decoder_only_output(sequences: torch.Tensor, scores=None, logits=None, cache=None) -> GenerateDecoderOnlyOutput:
+    """HF's own output type for a decoder-only ``generate`` (no attentions or hidden states)."""
     return GenerateDecoderOnlyOutput(
         sequences=sequences, scores=scores, logits=logits, attentions=None, hidden_states=None,
-        **{_output_cache_field(): None},
+        **{_output_cache_field(): cache},
     )
 
 
@@ -134,6 +172,33 @@ def prepare_generation_config(
     return fn(generation_config, **kwargs)
 
 
+def generation_defaults() -> dict[str, Any]:
+    """The values HF's ``generate`` gives options nobody set (``max_length=20``, ``top_k=50``...)."""
+    fn = getattr(GenerationConfig, "_get_default_generation_params", None)
+    if fn is None:
+        raise RuntimeError("transformers has no GenerationConfig._get_default_generation_params; adaspec-hf needs 5.17+")
+    return dict(fn())
+
+
+def prepare_generated_length(
+    model: PreTrainedModel, generation_config: GenerationConfig, has_default_max_length: bool,
+    has_default_min_length: bool, input_ids: torch.Tensor,
+) -> GenerationConfig:
+    """HF's resolution of ``max_new_tokens``/``max_length``/``min_new_tokens`` for a prompt batch.
+
+    With no length set anywhere, HF 5.x generates ``max_length`` (20) *new* tokens, capped by
+    ``max_position_embeddings``; ``max_new_tokens`` wins over ``max_length``.
+    """
+    fn = getattr(model, "_prepare_generated_length", None)
+    if fn is None:
+        raise RuntimeError("transformers has no GenerationMixin._prepare_generated_length; adaspec-hf needs 5.17+")
+    return _call_filtered(
+        fn, generation_config=generation_config, has_default_max_length=has_default_max_length,
+        has_default_min_length=has_default_min_length, model_input_name="input_ids",
+        input_ids_length=input_ids.shape[1], inputs_tensor=input_ids,
+    )
+
+
 def prepare_special_tokens(
     model: PreTrainedModel, generation_config: GenerationConfig, has_attention_mask: bool | None,
     device: torch.device, batch_size: int | None,
@@ -148,7 +213,7 @@ def prepare_special_tokens(
 def logits_processors(
     model: PreTrainedModel, generation_config: GenerationConfig, input_ids: torch.Tensor,
     logits_processor: LogitsProcessorList | None, model_kwargs: dict[str, Any],
-    has_attention_mask: bool | None = True,
+    has_attention_mask: bool | None = True, prefix_allowed_tokens_fn=None,
 ) -> LogitsProcessorList:
     """HF's processors for ``generation_config`` exactly as ``generate`` builds them.
 
@@ -158,9 +223,39 @@ def logits_processors(
     prepare_special_tokens(model, generation_config, has_attention_mask, input_ids.device, input_ids.shape[0])
     return _call_filtered(
         model._get_logits_processor, generation_config=generation_config,
-        input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids, prefix_allowed_tokens_fn=None,
+        input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
         logits_processor=logits_processor, device=input_ids.device, model_kwargs=model_kwargs,
     )
+
+
+@contextlib.contextmanager
+def alibi_from_positions(model: PreTrainedModel, key_positions: torch.Tensor) -> Iterator[None]:
+    """Make a BLOOM forward build its ALiBi bias from ``key_positions`` (B, K) instead of its mask.
+
+    ALiBi adds ``slope_h * key_position`` to every score (softmax is shift-invariant per query), so
+    explicit positions give exactly what HF's cumsum of a contiguous 2-D mask gives.
+    """
+    inner = getattr(unwrap_compiled(model), "transformer", None)
+    original = getattr(inner, "build_alibi_tensor", None)
+    if original is None:
+        raise RuntimeError(f"{type(model).__name__} has no transformer.build_alibi_tensor on this transformers release")
+    previous = inner.__dict__.get("build_alibi_tensor")
+
+    def build(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        ones = torch.ones(1, 2, device=key_positions.device)
+        slopes = original(ones, num_heads, torch.float32).reshape(num_heads, 2)[:, 1]  # HF's slopes: bias at pos 1
+        alibi = slopes[None, :, None] * key_positions[:, None, :].to(torch.float32)
+        return alibi.reshape(-1, 1, key_positions.shape[1]).to(dtype)
+
+    inner.build_alibi_tensor = build
+    try:
+        yield
+    finally:
+        if previous is None:
+            del inner.build_alibi_tensor
+        else:
+            inner.build_alibi_tensor = previous
 
 
 @contextlib.contextmanager

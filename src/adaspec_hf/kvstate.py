@@ -13,9 +13,22 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .hf_compat import CACHE_ARG_NAMES, cache_arg_name, cache_kwargs, cache_layers, forward_parameters, new_cache
+from .hf_compat import (
+    CACHE_ARG_NAMES, alibi_from_positions, cache_arg_name, cache_kwargs, cache_layers, execution_device,
+    forward_parameters, new_cache,
+)
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+MASKABLE_LAYER_TYPES = ("full_attention", "sliding_attention")
+RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "conv", "recurrent", "ssm")
+"""Layer types that keep a running state instead of per-token keys/values: a rejected draft token
+cannot be masked out of such a state afterwards, so tree verification cannot be lossless."""
+RECURRENT_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "recurrent_gemma")
+ALIBI_FROM_POSITIONS = ("bloom",)
+"""ALiBi models whose bias we rebuild from explicit key positions (see hf_compat.alibi_from_positions)."""
+ALIBI_SLOT_RELATIVE = ("mpt",)
+"""ALiBi models whose bias is sliced by cache slot inside each attention layer: not supported."""
+_HF_ASSISTED = "use HF's assisted generation instead: generate(..., assistant_model=draft) without adaptive=True"
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,8 @@ class MaskSpec:
 def mask_spec_for(model: PreTrainedModel) -> MaskSpec:
     """Read the attention layout from the config; refuse layouts we cannot mask exactly."""
     cfg = model.config
+    name = type(model).__name__
+    _check_architecture(model)
     impl = getattr(cfg, "_attn_implementation", None) or "eager"
     if impl not in SUPPORTED_ATTENTION:
         raise ValueError(
@@ -41,9 +56,18 @@ def mask_spec_for(model: PreTrainedModel) -> MaskSpec:
     window = getattr(cfg, "sliding_window", None)
     if layer_types:
         kinds = set(layer_types)
-        unknown = kinds - {"full_attention", "sliding_attention"}
+        recurrent = sorted(kinds & set(RECURRENT_LAYER_TYPES))
+        if recurrent:
+            raise ValueError(
+                f"{name} has {recurrent} layers (config.layer_types): they keep a running state instead of "
+                "per-token keys and values, so rejected draft tokens cannot be masked out of them and tree "
+                f"verification cannot be lossless; {_HF_ASSISTED}")
+        unknown = kinds - set(MASKABLE_LAYER_TYPES)
         if unknown:
-            raise ValueError(f"unsupported attention layer types {sorted(unknown)} in {type(model).__name__}")
+            raise ValueError(
+                f"unsupported attention layer types {sorted(unknown)} in {name} (config.layer_types): "
+                f"adaspec-hf builds exact tree masks for {MASKABLE_LAYER_TYPES} layers only (e.g. Llama 4's "
+                f"chunked_attention layers need a per-chunk mask it does not build); {_HF_ASSISTED}")
         if "sliding_attention" in kinds:
             if not window:
                 raise ValueError("sliding_attention layers but no config.sliding_window")
@@ -54,19 +78,59 @@ def mask_spec_for(model: PreTrainedModel) -> MaskSpec:
     return MaskSpec(window=None)
 
 
+def _check_architecture(model: PreTrainedModel) -> None:
+    """Refuse, saying why, architectures whose state or windows a cache with holes cannot represent."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) in RECURRENT_MODEL_TYPES:
+        raise ValueError(
+            f"{type(model).__name__} ({cfg.model_type}) is a recurrent/state-space model: it keeps one running "
+            "state per row instead of per-token keys and values, so a rejected draft token cannot be dropped "
+            f"from it and tree verification cannot be lossless; {_HF_ASSISTED}")
+    _check_local_attention(model)
+
+
+def _check_local_attention(model: PreTrainedModel) -> None:
+    """GPT-Neo-style local layers window by *cache slot* inside the attention module, not via the mask.
+
+    With holes (rejected drafts) and tree nodes, slot distance exceeds position distance, so such a
+    window would hide keys HF's own decoding sees; a window at least as long as any sequence is a no-op.
+    """
+    cfg = model.config
+    kinds = set(getattr(cfg, "attention_layers", None) or ())
+    window = getattr(cfg, "window_size", None)
+    if "local" in kinds and window is not None and window < getattr(cfg, "max_position_embeddings", window + 1):
+        raise ValueError(
+            f"{type(model).__name__} has local attention layers (config.attention_layers, window_size={window}) "
+            "whose window is applied by cache slot index inside the attention module, not through the "
+            "attention mask; over a cache with holes (rejected drafts) it would hide tokens HF's own "
+            f"decoding attends to; {_HF_ASSISTED}")
+
+
 def check_cache_support(model: PreTrainedModel) -> None:
-    """A model we cannot drive through a DynamicCache gets a clear error up front."""
+    """A model we cannot drive through a DynamicCache gets a clear error up front, saying why."""
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("adaspec-hf supports decoder-only causal LMs; got an encoder-decoder model")
     # config.use_cache=False is only a default (training configs often carry it): the engine passes
     # use_cache=True itself. What matters is that the forward can take and fill a cache.
+    name = type(model).__name__
+    _check_architecture(model)
     params = forward_parameters(model)
     if cache_arg_name(model) is None:
-        raise ValueError(f"{type(model).__name__}.forward takes no KV cache argument "
+        raise ValueError(f"{name}.forward takes no KV cache argument "
                          f"({' / '.join(CACHE_ARG_NAMES)}): no KV cache support")
-    for name in ("position_ids", "attention_mask"):
-        if name not in params:
-            raise ValueError(f"{type(model).__name__}.forward takes no `{name}`: no KV cache support")
+    model_type = getattr(model.config, "model_type", None)
+    if "position_ids" not in params and model_type in ALIBI_SLOT_RELATIVE:
+        raise ValueError(
+            f"{name} ({model_type}) takes no position_ids: each attention layer slices its ALiBi position "
+            "bias by cache slot (key length), which over a cache with holes (rejected drafts) and draft "
+            "trees is not the tokens' distance, so verification cannot match HF's decoding (not "
+            f"supported); {_HF_ASSISTED}")
+    needed = ("attention_mask",) if model_type in ALIBI_FROM_POSITIONS else ("position_ids", "attention_mask")
+    for arg in needed:
+        if arg not in params:
+            raise ValueError(f"{name}.forward takes no `{arg}`: adaspec-hf verifies drafts at explicit "
+                             "positions under a 4-D mask, so it needs both; no KV cache support for "
+                             f"speculation here; {_HF_ASSISTED}")
     mask_spec_for(model)
 
 
@@ -81,10 +145,16 @@ class KVState:
         self.model = model
         self.spec = mask_spec_for(model)
         self.cache = new_cache()
-        dev = model.device
+        dev = execution_device(model)
+        self.device = dev
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=dev)
         self.pos = torch.zeros(0, 0, dtype=torch.long, device=dev)
-        self._takes_logits_to_keep = "logits_to_keep" in forward_parameters(model)
+        # (B,) token type of each row's new tokens (HF repeats a row's last prompt type), or None
+        self.token_type: torch.Tensor | None = None
+        params = forward_parameters(model)
+        self._takes_logits_to_keep = "logits_to_keep" in params
+        self._takes_token_types = "token_type_ids" in params
+        self._alibi = getattr(model.config, "model_type", None) in ALIBI_FROM_POSITIONS
 
     # ---------------------------------------------------------------- sizes
     @property
@@ -101,14 +171,25 @@ class KVState:
 
     # -------------------------------------------------------------- forwards
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run the (left-padded) prompts exactly as HF ``generate`` does; return last logits (B, V)."""
-        input_ids = input_ids.to(self.model.device)
-        attention_mask = attention_mask.to(device=self.model.device, dtype=torch.long)
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the (left-padded) prompts exactly as HF ``generate`` does; return last logits (B, V).
+
+        ``token_type_ids`` (B, P), for models that take them: every later token of a row gets the
+        row's last type, as HF ``generate`` extends them.
+        """
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(device=self.device, dtype=torch.long)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         kwargs = {"logits_to_keep": 1} if self._takes_logits_to_keep else {}
+        if not self._alibi:  # BLOOM: positions come from the 2-D mask's cumsum, exactly these
+            kwargs["position_ids"] = position_ids
+        if token_type_ids is not None and self._takes_token_types:
+            token_type_ids = token_type_ids.to(self.device)
+            kwargs["token_type_ids"] = token_type_ids
+            self.token_type = token_type_ids[:, -1].clone()
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            input_ids=input_ids, attention_mask=attention_mask,
             **cache_kwargs(self.model, self.cache), **kwargs,
         )
         self.valid = attention_mask.bool()
@@ -164,10 +245,17 @@ class KVState:
         if old_visible is not None:
             old_visible = old_visible.to(dev)
         mask = self.build_mask(positions, new_visible, old_visible)
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions,
-            **cache_kwargs(self.model, self.cache),
-        )
+        extra = {}
+        if self.token_type is not None:
+            extra["token_type_ids"] = self.token_type[:, None].expand_as(input_ids)
+        if self._alibi:
+            with alibi_from_positions(self.model, torch.cat([self.pos, positions], dim=1)):
+                out = self.model(input_ids=input_ids, attention_mask=mask, **cache_kwargs(self.model, self.cache), **extra)
+        else:
+            out = self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                **cache_kwargs(self.model, self.cache), **extra,
+            )
         self.valid = torch.cat([self.valid, torch.zeros_like(positions, dtype=torch.bool)], dim=1)
         self.pos = torch.cat([self.pos, positions], dim=1)
         return out.logits.to(caller)
@@ -192,6 +280,8 @@ class KVState:
             layer.values = layer.values.index_select(0, rows)
         self.valid = self.valid.index_select(0, rows)
         self.pos = self.pos.index_select(0, rows)
+        if self.token_type is not None:
+            self.token_type = self.token_type.index_select(0, rows)
         self.trim()
 
     def trim(self) -> None:
@@ -238,8 +328,11 @@ class KVState:
 
     def append_rows(self, other: "KVState") -> None:
         """Concatenate another state's rows below ours (continuous batching), left-padding to align."""
+        if (self.token_type is None) != (other.token_type is None) and self.rows and other.rows:
+            raise ValueError("cannot merge rows with token_type_ids and rows without them")
         if self.rows == 0:
             self.cache, self.valid, self.pos = other.cache, other.valid, other.pos
+            self.token_type = other.token_type
             return
         s1, s2 = self.length, other.length
         width = max(s1, s2)
@@ -260,3 +353,5 @@ class KVState:
             a.values = torch.cat([pad(a.values, width - s1, 0), pad(b.values, width - s2, 0)], dim=0)
         self.valid = torch.cat([pad(self.valid, width - s1, False), pad(other.valid, width - s2, False)])
         self.pos = torch.cat([pad(self.pos, width - s1, 0), pad(other.pos, width - s2, 0)])
+        if self.token_type is not None:
+            self.token_type = torch.cat([self.token_type, other.token_type])
