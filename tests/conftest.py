@@ -83,3 +83,29 @@ def random_shapes(seed: int, max_depth: int = 5, max_width: int = 3, p_empty: fl
         adds = [r.randint(1, max_width) for _ in range(depth)]
         return TreeShape(adds, [r.randint(1, a) for a in adds[:-1]])
     return ShapeFunction(fn, max_children=max_width)
+
+
+def char_tokenizer(**kwargs):
+    """A character-level tokenizer over the tiny vocabulary (so stop strings and streams have real text)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    chars = (string.ascii_letters + string.digits + string.punctuation + " ")[: VOCAB - 3]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                   **kwargs)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster and far steadier on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,7 +16,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 import adaspec_hf
 from adaspec_hf import AdaptiveCandidateGenerator
 
-from conftest import VOCAB, pair, ragged_batch
+from conftest import VOCAB, pair, ragged_batch, char_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +30,7 @@ def models():
 @pytest.fixture(scope="module")
 def tokenizer():
     """A character-level tokenizer over the tiny vocabulary (so stop strings have real text)."""
-    chars = (string.ascii_letters + string.digits + string.punctuation + " ")[: VOCAB - 3]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    return char_tokenizer()
 
 
 def test_import_changes_nothing():

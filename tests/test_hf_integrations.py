@@ -17,7 +17,7 @@ import adaspec_hf
 from adaspec_hf import cli
 from adaspec_hf.custom_generate import FOLDER, GENERATE_PY, REQUIREMENTS_TXT, export_generate
 
-from conftest import VOCAB, pair, ragged_batch
+from conftest import VOCAB, pair, ragged_batch, char_tokenizer
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_generate"
 MAX_NEW = 10
@@ -25,13 +25,7 @@ MAX_NEW = 10
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    chars = (string.ascii_letters + string.digits + string.punctuation + " ")[: VOCAB - 3]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
-                                   padding_side="left")
+    return char_tokenizer(padding_side="left")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import adaspec_hf
 from adaspec_hf import hf
 from adaspec_hf.hf_compat import output_cache
 
-from conftest import VOCAB, pair, ragged_batch
+from conftest import VOCAB, pair, ragged_batch, char_tokenizer
 
 MAX_NEW = 10
 POLICY = "static-3"
@@ -51,12 +51,7 @@ def free(models, batch):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    chars = (string.ascii_letters + string.digits + string.punctuation + " ")[: VOCAB - 3]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    return char_tokenizer()
 
 
 def _early_token(free, p: int, row: int = 0, step: int = 2) -> int:

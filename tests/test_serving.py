@@ -23,13 +23,7 @@ from adaspec_hf.tree import DraftTree
 from conftest import VOCAB, pair
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster and far steadier on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest
 
 
 def make_prompts(n: int, seed: int, lo: int = 2, hi: int = 14) -> list[list[int]]:
@@ -437,8 +431,8 @@ def test_seeded_generate_is_reproducible_whatever_the_planner_decides():
     from adaspec_hf import enable
 
     target, _ = pair("llama")
+    target = enable(copy.deepcopy(target))  # enable() patches the instance: keep the shared one clean
     draft = confident_draft()
-    enable(target)
     ids = torch.tensor([[5, 17, 33, 8], [0, 0, 9, 4]])
     mask = (ids != 0).long()
     outs, after = [], []
@@ -517,7 +511,7 @@ def test_generate_with_a_huge_max_new_tokens_stops_at_eos():
     from adaspec_hf.engine import SpeculativeDecoder
 
     target, draft = pair("llama")
-    enable(target)
+    target = enable(copy.deepcopy(target))  # keep the shared instance un-patched
     ids = torch.tensor([[5, 6, 7, 8]])
     full = reference([5, 6, 7, 8], 12)
     eos = full[7]

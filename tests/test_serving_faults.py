@@ -21,12 +21,7 @@ from test_serving import make_prompts, random_shapes, reference, word_tokenizer
 WAIT_S = 120  # bounds a hang; a healthy engine answers these tiny requests in well under a second
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest
 
 
 class Fault:

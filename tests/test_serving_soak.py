@@ -23,12 +23,7 @@ MAX_CACHED = 100  # binding: 4 rows of the longest request (30 slots) would not 
 WAIT_S = 120  # bounds a hang only
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest
 
 
 class Faults:
