@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from .machine import is_busy, load_average
 from .pair_gates import WeakPairError
 from .bench import RESULTS_DIR, _default_text_prompts, load_prompt_ids, run_benchmark, write_results
 
@@ -37,8 +38,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from . import enable
     from .pair import load_models
 
-    load = _load_average()
-    if load is not None and load > 0.5 * (os.cpu_count() or 1):
+    load = load_average()
+    if is_busy(load):
         print(f"warning: the machine is busy (load average {load:.2f} on {os.cpu_count()} CPUs): timings below "
               "are disturbed; re-run on an idle machine for figures worth writing down", file=sys.stderr)
 
@@ -64,8 +65,8 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print()
     print(res.table())
-    load_end = _load_average()
-    if load_end is not None:
+    load_end = load_average()
+    if load is not None and load_end is not None:
         print(f"(machine load average {load:.2f} before, {load_end:.2f} after, {os.cpu_count()} CPUs)")
     by = {r.method: r for r in res.rows}
     ours = by[args.policy]
@@ -83,10 +84,3 @@ def run_demo(args: argparse.Namespace) -> int:
         for kind, path in write_results(res).items():
             print(f"{kind}: {path}")
     return 0
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None

@@ -48,11 +48,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hf_compat import cache_kwargs, output_cache
+from .machine import is_busy, load_average
 from .pair_gates import (
     Gates, WeakPairError, check_gates, distinct_ngrams, evaluate_gates, failed_gates, greedy_continuations,
     teacher_forced_stats,
 )
-from .pair_setup import TrainingSetup, candidates, choose_training_setup
+from .pair_setup import PROBE_ROWS, TrainingSetup, candidates, choose_training_setup
 
 logger = logging.getLogger(__name__)
 
@@ -263,13 +264,6 @@ def _remove_stale_builds(out: Path) -> None:
             pass
 
 
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)  # other processes competing for the CPU during the build
-    except (AttributeError, OSError):
-        return None
-
-
 def _say(progress: bool, msg: str) -> None:
     if progress:
         print(msg, flush=True)
@@ -285,7 +279,7 @@ def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, sett
     from . import corpus as C
 
     t_start = time.perf_counter()
-    load_start = _loadavg()
+    load_start = load_average()
     timing: dict[str, float] = {}
     clock = [time.perf_counter()]
 
@@ -296,7 +290,7 @@ def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, sett
 
     _say(progress, f"[adaspec-hf pair] building the {recipe.name} pair into {out} "
                    f"(machine load {load_start})")
-    if load_start is not None and load_start > 0.5 * (os.cpu_count() or 1):
+    if is_busy(load_start):
         _say(progress, f"[adaspec-hf pair] warning: the machine is busy (load {load_start} on {os.cpu_count()} "
                        "cores): training will be slower and the cost ratio noisier")
     set_seed(seed)
@@ -345,7 +339,7 @@ def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, sett
         lap("train_target_s")
         target.eval()
         draft.eval()
-        agreement_joint = greedy_agreement(target, draft, held)["agreement"]
+        agreement_joint = teacher_forced_stats(target, draft, held)["agreement"]
 
         # phase 2: draft distillation on the frozen target ------------------------------------------
         target.eval().requires_grad_(False)
@@ -476,7 +470,7 @@ def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, sett
         },
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
                         "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-                        "cpus": os.cpu_count(), "loadavg_1m_start": load_start, "loadavg_1m_end": _loadavg(),
+                        "cpus": os.cpu_count(), "loadavg_1m_start": load_start, "loadavg_1m_end": load_average(),
                         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
     }
     (out / REPORT).write_text(json.dumps(report, indent=2))
@@ -594,6 +588,12 @@ def _kd_loss(student_logits, teacher_logits, hard_weight: float = 0.0):
     return loss
 
 
+def _joint_loss(target, draft, ids, kd_weight: float = 1.0, hard_weight: float = 0.0):
+    """Target: next-token CE; draft: KL to the target's detached logits on the same batch."""
+    out = target(input_ids=ids, labels=ids)
+    return out.loss + kd_weight * _kd_loss(draft(input_ids=ids).logits, out.logits.detach(), hard_weight), out
+
+
 def _trainer_classes():
     from transformers import Trainer
 
@@ -605,10 +605,7 @@ def _trainer_classes():
             self.kd_weight, self.hard_weight = kd_weight, hard_weight
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ids = inputs["input_ids"]
-            out = model.target(input_ids=ids, labels=ids)
-            kd = _kd_loss(model.draft(input_ids=ids).logits, out.logits.detach(), self.hard_weight)
-            loss = out.loss + self.kd_weight * kd
+            loss, out = _joint_loss(model.target, model.draft, inputs["input_ids"], self.kd_weight, self.hard_weight)
             return (loss, out) if return_outputs else loss
 
     class _DistillTrainer(Trainer):
@@ -643,8 +640,7 @@ def _collate(features):
 
 def _probe_step(target, draft, ids):
     """One joint training step's loss (what the precision/thread probe times)."""
-    out = target(input_ids=ids, labels=ids)
-    return out.loss + _kd_loss(draft(input_ids=ids).logits, out.logits.detach())
+    return _joint_loss(target, draft, ids)[0]
 
 
 def _probe_step_target_only(target, draft, ids):
@@ -657,8 +653,6 @@ DISTILL_COST = 0.55  # a distill step (target forward, draft forward+backward) v
 
 def _eta_s(recipe: Recipe, setup: TrainingSetup) -> float:
     """Training time predicted from the probe (rows scale ~linearly at these sizes)."""
-    from .pair_setup import PROBE_ROWS
-
     row = setup.probe_step_s / PROBE_ROWS * (recipe.block_size / 256)  # one 256-token row, joint step
     return row * (recipe.target_steps * recipe.batch_size
                   + DISTILL_COST * recipe.distill_steps * recipe.distill_batch_size)
@@ -801,25 +795,6 @@ def _run_phase(desc, kind, model, dataset, *, recipe: Recipe, setup: TrainingSet
 @torch.inference_mode()
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
-
-
-@torch.inference_mode()
-def greedy_agreement(target, draft, blocks: torch.Tensor, batch_size: int = 8) -> dict:
-    """Teacher-forced greedy agreement on token blocks: fraction of positions where the argmax of
-    the draft equals the argmax of the target; also both models' next-token CE loss."""
-    agree = n = 0
-    tl = dl = 0.0
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size]
-        t = target(input_ids=ids).logits.float()
-        d = draft(input_ids=ids).logits.float()
-        agree += (t.argmax(-1) == d.argmax(-1)).sum().item()
-        n += ids.numel()
-        tgt = ids[:, 1:].flatten()
-        tl += F.cross_entropy(t[:, :-1].flatten(0, 1), tgt, reduction="sum").item()
-        dl += F.cross_entropy(d[:, :-1].flatten(0, 1), tgt, reduction="sum").item()
-    m = len(blocks) * (blocks.shape[1] - 1)
-    return {"agreement": agree / n, "tokens": n, "target_loss": tl / m, "draft_loss": dl / m}
 
 
 @torch.inference_mode()

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .hf_compat import cache_kwargs, forward_parameters, new_cache
+from .machine import is_busy, load_average
 
 logger = logging.getLogger(__name__)
 
@@ -398,15 +399,11 @@ def default_overhead_fn(target: torch.nn.Module, draft: torch.nn.Module, rows: i
 
 def _busy_warning() -> float | None:
     """Warn when other processes load the CPU: timings taken now will be inflated and noisy."""
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-    cpus = os.cpu_count() or 1
-    if load > 0.5 * cpus:
+    load = load_average()
+    if is_busy(load):
         logger.warning("the machine is busy (load average %.1f on %d CPUs): the latency profile will be "
-                       "noisy; re-run `adaspec-hf profile` when it is idle", load, cpus)
-    return round(load, 2)
+                       "noisy; re-run `adaspec-hf profile` when it is idle", load, os.cpu_count() or 1)
+    return load
 
 
 def _repair_outliers(results: dict[str, list[list[float]]], timers: dict[str, "_ModelTimer"],
