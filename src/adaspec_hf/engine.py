@@ -211,32 +211,13 @@ class RowBatch:
 
     def _checkpoint(self) -> tuple:
         own = {k: v for k, v in self.__dict__.items() if k not in ("tkv", "dkv")}
-        return own, _kv_checkpoint(self.tkv), _kv_checkpoint(self.dkv)
+        return own, self.tkv.checkpoint(), self.dkv.checkpoint()
 
     def _restore(self, saved: tuple) -> None:
         own, t, d = saved
         self.__dict__.update(own)
-        _kv_restore(self.tkv, t)
-        _kv_restore(self.dkv, d)
-
-
-def _kv_checkpoint(kv: KVState) -> tuple:
-    cache = kv.cache
-    layers = list(getattr(cache, "layers", []))
-    return dict(kv.__dict__), cache, dict(cache.__dict__), layers, [dict(layer.__dict__) for layer in layers]
-
-
-def _kv_restore(kv: KVState, saved: tuple) -> None:
-    state, cache, cache_state, layers, layer_states = saved
-    kv.__dict__.clear()
-    kv.__dict__.update(state)
-    cache.__dict__.clear()
-    cache.__dict__.update(cache_state)
-    if hasattr(cache, "layers"):
-        cache.layers[:] = layers
-    for layer, st in zip(layers, layer_states):
-        layer.__dict__.clear()
-        layer.__dict__.update(st)
+        self.tkv.restore(t)
+        self.dkv.restore(d)
 
 
 # (rows (M,), paths (M, D), depths (M,) or None) -> [(row key, full token prefix)] for processors

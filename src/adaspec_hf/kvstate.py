@@ -261,6 +261,27 @@ class KVState:
         return out.logits.to(caller)
 
     # ------------------------------------------------------------ bookkeeping
+    def checkpoint(self) -> tuple:
+        """A shallow snapshot (attribute bindings of this state, its cache and its layers) for
+        :meth:`restore`: row surgery and forwards rebind these tensors, so the snapshot undoes them
+        without copying the cache. In-place writes (``commit``) are not undone."""
+        cache = self.cache
+        layers = list(getattr(cache, "layers", []))
+        return dict(self.__dict__), cache, dict(cache.__dict__), layers, [dict(layer.__dict__) for layer in layers]
+
+    def restore(self, saved: tuple) -> None:
+        """Put this state back exactly as :meth:`checkpoint` saw it."""
+        state, cache, cache_state, layers, layer_states = saved
+        self.__dict__.clear()
+        self.__dict__.update(state)
+        cache.__dict__.clear()
+        cache.__dict__.update(cache_state)
+        if hasattr(cache, "layers"):
+            cache.layers[:] = layers
+        for layer, st in zip(layers, layer_states):
+            layer.__dict__.clear()
+            layer.__dict__.update(st)
+
     def commit(self, slots: torch.Tensor, keep: torch.Tensor) -> None:
         """Mark ``slots`` (B, k) as committed where ``keep`` (B, k) is True."""
         slots, keep = slots.to(self.valid.device), keep.to(self.valid.device)
