@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 from adaspec_hf import enable
-from adaspec_hf.bench import _default_text_prompts, load_prompt_ids, run_benchmark, write_results
-from adaspec_hf.pair import load_models
+from adaspec_hf.bench.harness import _default_text_prompts, load_prompt_ids, run_benchmark, write_results
+from adaspec_hf.pair.build import load_models
 
 STATIC = [f"static-{k}" for k in range(1, 9)]
 TREES = ["tree-4x2", "tree-3x3"]

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from adaspec_hf import enable
-from adaspec_hf.acceptance import AcceptanceModel
-from adaspec_hf.bench import load_prompt_ids
-from adaspec_hf.pair import load_models
-from adaspec_hf.policies import StaticChain
+from adaspec_hf.efficiency.acceptance import AcceptanceModel
+from adaspec_hf.bench.harness import load_prompt_ids
+from adaspec_hf.pair.build import load_models
+from adaspec_hf.policies.base import StaticChain
 
 
 class Recorder(StaticChain):

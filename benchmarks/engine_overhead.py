@@ -16,7 +16,7 @@ import argparse
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from adaspec_hf.bench import run_benchmark, write_results
+from adaspec_hf.bench.harness import run_benchmark, write_results
 
 
 def build(hidden: int, layers: int, heads: int, seed: int, tie: bool) -> LlamaForCausalLM:

@@ -7,13 +7,13 @@ Same as ``adaspec-hf bench serve``; every option of that command works here::
     python benchmarks/serving.py --pair-dir ~/.cache/adaspec_hf/pair-quick --duration 5   # smoke run
 
 Writes benchmarks/results/<name>.{json,md,png} (default name: ``serving``). See
-:mod:`adaspec_hf.serving_bench` for the method (calibration, SLO classes, systems, metrics).
+:mod:`adaspec_hf.bench.serving` for the method (calibration, SLO classes, systems, metrics).
 """
 from __future__ import annotations
 
 import sys
 
-from adaspec_hf.serving_bench import main
+from adaspec_hf.bench.serving import main
 
 if __name__ == "__main__":
     sys.exit(main())

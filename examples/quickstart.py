@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import adaspec_hf
-from adaspec_hf.pair import default_pair_dir
+from adaspec_hf.pair.build import default_pair_dir
 
 
 def tiny_pair():
@@ -25,7 +25,7 @@ def tiny_pair():
 
 def main() -> None:
     if (default_pair_dir() / "report.json").exists():
-        from adaspec_hf.pair import load_pair
+        from adaspec_hf.pair.build import load_pair
 
         target, draft, tok = load_pair(build=False, allow_weak_pair=True)  # a correctness check: any pair will do
         texts = ["def read_config(path):\n    \"\"\"Read a", "class Stack:\n    def push(self, item):\n"]

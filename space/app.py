@@ -120,7 +120,7 @@ def tiny_pair(vocab_size: int = 101, seed: int = 0):
 
 def load_spec(spec: ModelSpec):
     """(target, draft, tokenizer, prompts) for ``spec``; raises with a readable message."""
-    from adaspec_hf.pair import build_pair, load_models
+    from adaspec_hf.pair.build import build_pair, load_models
 
     dtype = getattr(torch, spec.dtype)
     prompts: list[str] = []
@@ -560,7 +560,7 @@ def serving_api():
     Engine, SLO = getattr(adaspec_hf, "Engine", None), getattr(adaspec_hf, "SLO", None)
     if Engine is None or SLO is None:
         try:
-            from adaspec_hf import serving
+            from adaspec_hf.serving import engine as serving
 
             Engine, SLO = serving.Engine, serving.SLO
         except Exception as e:  # noqa: BLE001
@@ -576,7 +576,7 @@ class SimRequest:
     ttft_slo: float | None
     arrival: float  # seconds after the start of the workload
     prompt_ids: list[int]
-    result: object | None = None  # adaspec_hf.serving.RequestResult
+    result: object | None = None  # adaspec_hf.serving.engine.RequestResult
     error: str | None = None
 
     @property

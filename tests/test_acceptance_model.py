@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from adaspec_hf.acceptance import AcceptanceModel, expected_calibration_error
+from adaspec_hf.efficiency.acceptance import AcceptanceModel, expected_calibration_error
 
 
 def stream(gen: torch.Generator, n: int, power: float = 2.0):

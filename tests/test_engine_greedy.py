@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from adaspec_hf.engine import SpeculativeDecoder
-from adaspec_hf.policies import StaticChain
+from adaspec_hf.core.step import SpeculativeDecoder
+from adaspec_hf.policies.base import StaticChain
 
 from conftest import ARCHS, pair, ragged_batch, random_shapes
 
@@ -71,7 +71,7 @@ def test_eos_midway(arch):
 
 
 def test_long_run_triggers_compaction(monkeypatch):
-    from adaspec_hf import kvstate
+    from adaspec_hf.core import kv as kvstate
 
     target, draft = pair("mistral")  # sliding window 8 << 160 generated tokens
     ids, mask = ragged_batch(3, 10, 2)

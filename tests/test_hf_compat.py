@@ -13,8 +13,8 @@ import transformers
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import adaspec_hf
-from adaspec_hf import hf_compat as C
-from adaspec_hf.kvstate import KVState, check_cache_support
+from adaspec_hf import compat as C
+from adaspec_hf.core.kv import KVState, check_cache_support
 
 from conftest import ARCHS, pair, ragged_batch
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TextIter
 
 import adaspec_hf
 from adaspec_hf import cli
-from adaspec_hf.custom_generate import FOLDER, GENERATE_PY, REQUIREMENTS_TXT, export_generate
+from adaspec_hf.integrations.hf.custom_generate import FOLDER, GENERATE_PY, REQUIREMENTS_TXT, export_generate
 
 from conftest import VOCAB, pair, ragged_batch, char_tokenizer
 

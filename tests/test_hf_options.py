@@ -20,8 +20,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation import configuration_utils as gcu
 
 import adaspec_hf
-from adaspec_hf import hf
-from adaspec_hf.hf_compat import output_cache
+from adaspec_hf.integrations.hf import generate as hf
+from adaspec_hf.compat import output_cache
 
 from conftest import VOCAB, pair, ragged_batch, char_tokenizer
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from adaspec_hf.latency import LatencyModel, LatencyTable, RooflineFit, holdout_mape, holdout_report
-from adaspec_hf.profiler import Profile
+from adaspec_hf.efficiency.latency import LatencyModel, LatencyTable, RooflineFit, holdout_mape, holdout_report
+from adaspec_hf.profiling.profiler import Profile
 
 ROWS, TOKENS, CTXS = (1, 2, 4, 8), (1, 2, 3, 4, 8), (16, 64, 256)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from adaspec_hf import pair as P
-from adaspec_hf.hf_compat import cache_kwargs, output_cache
-from adaspec_hf.corpus import load_corpus, stdlib_files
+from adaspec_hf.pair import build as P
+from adaspec_hf.compat import cache_kwargs, output_cache
+from adaspec_hf.pair.corpus import load_corpus, stdlib_files
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_thread_tuner_follows_the_faster_setting(monkeypatch):
 
 # ------------------------------------------------------------------------------------ gates
 def test_distinct_ngrams_scores_loops_low():
-    from adaspec_hf.pair_gates import distinct_ngrams
+    from adaspec_hf.pair.gates import distinct_ngrams
 
     assert distinct_ngrams([list(range(64))]) == 1.0
     loop = [5, 6, 7] * 21
@@ -226,7 +226,7 @@ def test_distinct_ngrams_scores_loops_low():
 
 
 def test_roc_auc_matches_pairwise_definition():
-    from adaspec_hf.pair_gates import roc_auc
+    from adaspec_hf.pair.gates import roc_auc
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 6, (400,), generator=g).float()  # many ties
@@ -241,7 +241,7 @@ def test_roc_auc_matches_pairwise_definition():
 
 
 def test_teacher_forced_stats_of_identical_models():
-    from adaspec_hf.pair_gates import teacher_forced_stats
+    from adaspec_hf.pair.gates import teacher_forced_stats
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -254,7 +254,7 @@ def test_teacher_forced_stats_of_identical_models():
 
 
 def test_gates_evaluate_and_check():
-    from adaspec_hf.pair_gates import Gates, WeakPairError, check_gates, evaluate_gates, failed_gates
+    from adaspec_hf.pair.gates import Gates, WeakPairError, check_gates, evaluate_gates, failed_gates
 
     stats = {"target_loss": 4.6, "agreement": 0.7, "draft_conf_auc": 0.8}
     gates = evaluate_gates(stats, distinct4=0.5, ratio=9.0, gates=Gates())
@@ -271,7 +271,7 @@ def test_gates_evaluate_and_check():
 def test_weak_full_pair_is_refused_unless_allowed(quick_pair, tmp_path, monkeypatch):
     import shutil
 
-    from adaspec_hf.pair_gates import WeakPairError
+    from adaspec_hf.pair.gates import WeakPairError
 
     d = tmp_path / "weak"
     shutil.copytree(quick_pair[0], d)
@@ -289,7 +289,7 @@ def test_weak_full_pair_is_refused_unless_allowed(quick_pair, tmp_path, monkeypa
 
 # ----------------------------------------------------------------------------- setup probe
 def test_training_setup_picks_the_fastest_candidate_and_drops_slow_ones():
-    from adaspec_hf import pair_setup as S
+    from adaspec_hf.pair import setup as S
 
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2)

@@ -7,14 +7,14 @@ import itertools
 import pytest
 import torch
 
-from adaspec_hf.acceptance import AcceptanceModel
-from adaspec_hf.engine import SpeculativeDecoder
-from adaspec_hf.latency import LatencyModel
-from adaspec_hf.planner import AdaptivePlanner, ObservedCosts, SmartSpec
+from adaspec_hf.efficiency.acceptance import AcceptanceModel
+from adaspec_hf.core.step import SpeculativeDecoder
+from adaspec_hf.efficiency.latency import LatencyModel
+from adaspec_hf.policies.planner import AdaptivePlanner, ObservedCosts, SmartSpec
 
 NO_MEASURED = dict(observed=ObservedCosts(min_count=10**9))  # trust the injected latency model only
-from adaspec_hf.policies import LevelContext, StepContext
-from adaspec_hf.tree import DraftTree
+from adaspec_hf.policies.base import LevelContext, StepContext
+from adaspec_hf.core.tree import DraftTree
 
 from conftest import ARCHS, pair, ragged_batch
 

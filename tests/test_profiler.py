@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from adaspec_hf import profiler
-from adaspec_hf.profiler import Profile, load_or_profile, load_profile, profile, profile_key, save_profile
+from adaspec_hf.profiling import profiler
+from adaspec_hf.profiling.profiler import Profile, load_or_profile, load_profile, profile, profile_key, save_profile
 
 TINY_GRID = dict(rows=(1, 2), tokens=(1, 3), contexts=(8, 16), repeats=1, progress=False)
 
@@ -82,7 +82,7 @@ def test_profile_with_changed_key_field_is_rejected(pair, prof, cache_env, caplo
     stale = Profile.from_json(prof.to_json())
     stale.key["torch"] = "0.0.1"
     save_profile(stale, profiler.profile_path(profile_key(*pair)))
-    with caplog.at_level(logging.INFO, logger="adaspec_hf.profiler"):
+    with caplog.at_level(logging.INFO, logger="adaspec_hf.profiling.profiler"):
         assert load_profile(*pair) is None
     assert "torch" in caplog.text and "0.0.1" in caplog.text
 
@@ -90,7 +90,7 @@ def test_profile_with_changed_key_field_is_rejected(pair, prof, cache_env, caplo
 def test_profile_for_other_setup_is_not_used(pair, prof, cache_env, caplog, monkeypatch):
     save_profile(prof)
     monkeypatch.setattr(torch, "__version__", "9.9.9")  # the environment changed since profiling
-    with caplog.at_level(logging.INFO, logger="adaspec_hf.profiler"):
+    with caplog.at_level(logging.INFO, logger="adaspec_hf.profiling.profiler"):
         assert load_profile(*pair) is None
     assert "9.9.9" in caplog.text
     # a changed config is a different key too
@@ -102,7 +102,7 @@ def test_load_or_profile_takes_and_saves_a_quick_profile(pair, cache_env, monkey
     monkeypatch.setattr(profiler, "QUICK_TOKENS", (1, 2))
     monkeypatch.setattr(profiler, "QUICK_CONTEXTS", (8, 16))
     monkeypatch.setattr(profiler, "QUICK_REPEATS", 1)
-    with caplog.at_level(logging.INFO, logger="adaspec_hf.profiler"):
+    with caplog.at_level(logging.INFO, logger="adaspec_hf.profiling.profiler"):
         first = load_or_profile(*pair)
     assert first.meta["quick"]
     assert "taking a quick one" in caplog.text

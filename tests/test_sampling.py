@@ -6,10 +6,10 @@ import itertools
 import pytest
 import torch
 
-from adaspec_hf.engine import SpeculativeDecoder
-from adaspec_hf.policies import StaticChain, ShapeFunction, TreeShape
-from adaspec_hf.rejection import accept_sampling, node_step
-from adaspec_hf.tree import DraftTree
+from adaspec_hf.core.step import SpeculativeDecoder
+from adaspec_hf.policies.base import StaticChain, ShapeFunction, TreeShape
+from adaspec_hf.core.verify import accept_sampling, node_step
+from adaspec_hf.core.tree import DraftTree
 
 from conftest import pair, ragged_batch
 

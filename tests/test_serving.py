@@ -15,10 +15,10 @@ import conftest
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from adaspec_hf import SLO, Engine, EngineClosed, SLOPlanner
-from adaspec_hf.latency import LatencyModel
-from adaspec_hf.policies import ShapeFunction, StaticChain, TreeShape
-from adaspec_hf.serving import ServingStepContext
-from adaspec_hf.tree import DraftTree
+from adaspec_hf.efficiency.latency import LatencyModel
+from adaspec_hf.policies.base import ShapeFunction, StaticChain, TreeShape
+from adaspec_hf.serving.engine import ServingStepContext
+from adaspec_hf.core.tree import DraftTree
 
 from conftest import VOCAB, pair
 
@@ -474,7 +474,7 @@ def test_seeded_engine_requests_are_reproducible_whatever_the_batch():
 # ------------------------------------------------------------------ max_cached_tokens is a bound (7)
 def test_max_cached_tokens_bounds_the_cache_slots(monkeypatch):
     """Padding of short rows to the longest, holes and the verify step's speculative slots all count."""
-    from adaspec_hf.kvstate import KVState
+    from adaspec_hf.core.kv import KVState
 
     target, draft = pair("llama")
     peak = {"target": 0, "draft": 0}
@@ -508,7 +508,7 @@ def test_max_cached_tokens_bounds_the_cache_slots(monkeypatch):
 # ------------------------------------------------------------ generate allocates as it goes (8)
 def test_generate_with_a_huge_max_new_tokens_stops_at_eos():
     from adaspec_hf import enable
-    from adaspec_hf.engine import SpeculativeDecoder
+    from adaspec_hf.core.step import SpeculativeDecoder
 
     target, draft = pair("llama")
     target = enable(copy.deepcopy(target))  # keep the shared instance un-patched
@@ -532,9 +532,9 @@ def test_generate_with_a_huge_max_new_tokens_stops_at_eos():
 
 # ---------------------------------------------------------------- per-request state is dropped (9)
 def test_per_request_state_is_dropped(monkeypatch):
-    from adaspec_hf import serving
-    from adaspec_hf.planner import AdaptivePlanner
-    from adaspec_hf.policies import Heuristic
+    from adaspec_hf.serving import engine as serving
+    from adaspec_hf.policies.planner import AdaptivePlanner
+    from adaspec_hf.policies.base import Heuristic
 
     monkeypatch.setattr(serving, "STEP_HISTORY", 16)
     monkeypatch.setattr(serving, "PROCESSOR_CACHE_SIZE", 4)
@@ -560,7 +560,8 @@ def test_per_request_state_is_dropped(monkeypatch):
 def test_pair_state_is_per_draft_object_not_per_id(monkeypatch):
     import gc
 
-    from adaspec_hf import planner, profiler
+    from adaspec_hf.policies import planner
+    from adaspec_hf.profiling import profiler
 
     monkeypatch.setattr(profiler, "load_or_profile", lambda t, d, quick=True: synthetic_latency().profile)
     target, _ = pair("llama")

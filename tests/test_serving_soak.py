@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from adaspec_hf import SLO, Engine
-from adaspec_hf.kvstate import KVState
+from adaspec_hf.core.kv import KVState
 
 from conftest import pair
 from test_serving import AlwaysBehind, confident_draft, make_prompts, reference, synthetic_latency, word_tokenizer

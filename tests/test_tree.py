@@ -6,13 +6,13 @@ import random
 import pytest
 import torch
 
-from adaspec_hf.drafter import TreeDrafter
-from adaspec_hf.kvstate import KVState
-from adaspec_hf.policies import StaticTree, StepContext
-from adaspec_hf.processing import Processing
-from adaspec_hf.registry import make_policy
-from adaspec_hf.selection import goodput_budget, top_n_subtree
-from adaspec_hf.tree import DraftTree
+from adaspec_hf.core.proposer import TreeDrafter
+from adaspec_hf.core.kv import KVState
+from adaspec_hf.policies.base import StaticTree, StepContext
+from adaspec_hf.core.processing import Processing
+from adaspec_hf.policies.registry import make_policy
+from adaspec_hf.policies.selection import goodput_budget, top_n_subtree
+from adaspec_hf.core.tree import DraftTree
 
 from conftest import ARCHS, pair, ragged_batch
 

@@ -8,7 +8,7 @@ import pytest
 
 from adaspec_hf.metrics import SERVING_METRICS_PATH, compute_serving_metrics
 from adaspec_hf.slo import SLO
-from adaspec_hf.workload import SLOClass, arrival_times, make_workload
+from adaspec_hf.bench.workload import SLOClass, arrival_times, make_workload
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
 

@@ -8,16 +8,16 @@ Importing changes nothing; opt a model in explicitly::
 """
 from __future__ import annotations
 
-from .engine import DecodeResult, GenerationStats, SpeculativeDecoder, StepRecord
-from .hf import AdaptiveCandidateGenerator, adaptive_generate, check_vocab, disable, enable
-from .policies import (
+from adaspec_hf.core.step import DecodeResult, GenerationStats, SpeculativeDecoder, StepRecord
+from adaspec_hf.integrations.hf.generate import AdaptiveCandidateGenerator, adaptive_generate, check_vocab, disable, enable
+from adaspec_hf.policies.base import (
     Confidence, DraftPolicy, Heuristic, LevelContext, ShapeFunction, StaticChain, StepContext,
     StepOutcome, TreeShape,
 )
-from .registry import POLICY_NAMES, make_policy
-from .serving import Chunk, Engine, EngineClosed, RequestHandle, RequestResult, SLOPlanner
-from .slo import SLO
-from .tree import DraftTree
+from adaspec_hf.policies.registry import POLICY_NAMES, make_policy
+from adaspec_hf.serving.engine import Chunk, Engine, EngineClosed, RequestHandle, RequestResult, SLOPlanner
+from adaspec_hf.slo import SLO
+from adaspec_hf.core.tree import DraftTree
 
 __version__ = "0.1.0"
 

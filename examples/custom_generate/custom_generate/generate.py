@@ -4,11 +4,11 @@
                    trust_remote_code=True, max_new_tokens=64)        # optional: draft_policy="static-4"
 
 The draft must share the target's tokenizer. Every HF generation option is honoured with HF's
-meaning or refused with a clear error (see adaspec_hf.hf.GENERATION_OPTIONS). Written by
+meaning or refused with a clear error (see adaspec_hf.integrations.hf.generate.GENERATION_OPTIONS). Written by
 `adaspec-hf export-generate`; the engine is the installed adaspec-hf package (requirements.txt).
 """
-import adaspec_hf.custom_generate
+import adaspec_hf.integrations.hf.custom_generate
 
 
 def generate(model, *args, **kwargs):
-    return adaspec_hf.custom_generate.generate(model, *args, **kwargs)
+    return adaspec_hf.integrations.hf.custom_generate.generate(model, *args, **kwargs)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .profiler import Profile
+    from adaspec_hf.profiling.profiler import Profile
 
 _AXES = ("rows", "tokens", "context")
 
@@ -180,7 +180,7 @@ class LatencyModel:
     def from_points(cls, target: Sequence[Sequence[float]], draft: Sequence[Sequence[float]],
                     overhead: float = 0.0, **kwargs: Any) -> "LatencyModel":
         """Build from raw ``[rows, tokens, context, seconds]`` lists (tests, synthetic models)."""
-        from .profiler import Profile
+        from adaspec_hf.profiling.profiler import Profile
 
         return cls(Profile(key={}, target=[list(p) for p in target], draft=[list(p) for p in draft],
                            overhead=overhead), **kwargs)

@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
-from .kvstate import KVState
-from .policies import DraftPolicy, LevelContext, StepContext
-from .tree import DraftTree
+from adaspec_hf.core.kv import KVState
+from adaspec_hf.policies.base import DraftPolicy, LevelContext, StepContext
+from adaspec_hf.core.tree import DraftTree
 
 # (logits (M, V) float32, provider of (batch row, prefix) pairs) -> processed scores (M, V)
 ProcessFn = Callable[[torch.Tensor, Callable[[], list[torch.Tensor]]], torch.Tensor]

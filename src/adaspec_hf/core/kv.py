@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .hf_compat import (
+from adaspec_hf.compat import (
     CACHE_ARG_NAMES, alibi_from_positions, cache_arg_name, cache_kwargs, cache_layers, execution_device,
     forward_parameters, new_cache,
 )

@@ -7,10 +7,10 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
-from .slo import SLO
+from adaspec_hf.slo import SLO
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .serving import Engine
+    from adaspec_hf.serving.engine import Engine
 
 
 class EngineClosed(RuntimeError):

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .slo import SLO
+from adaspec_hf.slo import SLO
 
 
 @dataclass(frozen=True)

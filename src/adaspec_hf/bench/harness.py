@@ -95,7 +95,7 @@ def _hf_assisted(schedule: str | None, k: int | None):
 
 def _ours(policy: str):
     def run(target, draft, ids, mask, gen_kw) -> RunOutput:
-        from .hf import adaptive_generate
+        from adaspec_hf.integrations.hf.generate import adaptive_generate
 
         seq = adaptive_generate(target, input_ids=ids, attention_mask=mask, assistant_model=draft,
                                 draft_policy=policy, **gen_kw)
@@ -117,7 +117,7 @@ def resolve_method(name: str) -> Method:
         return Method(name, _hf_assisted("heuristic", None), batch1_only=True)
     if m := re.fullmatch(r"hf-assisted-k(\d+)", name):
         return Method(name, _hf_assisted("constant", int(m.group(1))), batch1_only=True)
-    from .registry import make_policy
+    from adaspec_hf.policies.registry import make_policy
 
     make_policy(name) if not name.startswith(("adaptive", "smartspec")) else None  # validate early
     return Method(name, _ours(name))
@@ -337,21 +337,21 @@ def register_cli(subparsers) -> None:
     p.add_argument("--allow-weak-pair", action="store_true",
                    help="run on a built-in pair that missed its quality gates (its figures mean little)")
     p.set_defaults(func=_cli)
-    from .serving_bench import register_serve_cli  # `adaspec-hf bench serve ...`
+    from adaspec_hf.bench.serving import register_serve_cli  # `adaspec-hf bench serve ...`
 
     register_serve_cli(p.add_subparsers(dest="bench_command", title="sub-benchmarks"))
 
 
 def load_prompt_ids(tokenizer, n: int, pair_dir=None) -> list[list[int]]:
     """Held-out prompts of the built-in pair (a `datasets` Dataset), tokenized."""
-    from .pair import load_prompts
+    from adaspec_hf.pair.build import load_prompts
 
     ds = load_prompts(pair_dir, n=n)
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ds["prompt"]]
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from .pair import load_models
+    from adaspec_hf.pair.build import load_models
 
     dtype = getattr(torch, args.dtype)
     target, draft, tok = load_models(args.target, args.draft, dtype=dtype, device=args.device,
@@ -373,7 +373,7 @@ def _cli(args: argparse.Namespace) -> int:
 def _default_text_prompts(tok, n: int) -> list[list[int]]:
     """Prompts for arbitrary HF pairs: the built-in held-out prompt texts if present, else fixed text."""
     try:
-        from .pair import load_prompts
+        from adaspec_hf.pair.build import load_prompts
 
         texts = load_prompts(None, n=n)["prompt"]
     except Exception:

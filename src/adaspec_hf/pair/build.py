@@ -11,7 +11,7 @@ itself from local text (by default the Python standard library sources):
    target's (detached) logits by KL (``_JointTrainer.compute_loss``);
 5. distill the draft further on the frozen target's logits, plus cross-entropy on the target's argmax
    (``_DistillTrainer.compute_loss``);
-6. measure the quality gates on held-out files (:mod:`adaspec_hf.pair_gates`: target loss, greedy
+6. measure the quality gates on held-out files (:mod:`adaspec_hf.pair.gates`: target loss, greedy
    agreement, ROC AUC of the draft's confidence, distinct 4-grams of the target's greedy text) and the
    target/draft forward cost at a 256-token context; if the target is not expensive enough relative to
    the draft, *grow* it function-preservingly: append pre-norm decoder layers whose ``o_proj`` and
@@ -47,13 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hf_compat import cache_kwargs, output_cache
-from .machine import is_busy, load_average
-from .pair_gates import (
+from adaspec_hf.compat import cache_kwargs, output_cache
+from adaspec_hf.machine import is_busy, load_average
+from adaspec_hf.pair.gates import (
     Gates, WeakPairError, check_gates, distinct_ngrams, evaluate_gates, failed_gates, greedy_continuations,
     teacher_forced_stats,
 )
-from .pair_setup import PROBE_ROWS, TrainingSetup, candidates, choose_training_setup
+from adaspec_hf.pair.setup import PROBE_ROWS, TrainingSetup, candidates, choose_training_setup
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def _build(out: Path, *, recipe: Recipe, corpus, seed: int, progress: bool, sett
     import transformers
     from transformers import GenerationConfig, set_seed
 
-    from . import corpus as C
+    from adaspec_hf.pair import corpus as C
 
     t_start = time.perf_counter()
     load_start = load_average()
@@ -846,7 +846,7 @@ def _resolve(pair_dir, build: bool) -> Path:
 def load_pair(pair_dir=None, *, build=True, dtype=torch.float32, device="cpu", allow_weak_pair=False):
     """``(target, draft, tokenizer)`` of a built pair (default: the built-in full pair, built on first use).
 
-    A full pair that missed a quality gate raises :class:`~adaspec_hf.pair_gates.WeakPairError`
+    A full pair that missed a quality gate raises :class:`~adaspec_hf.pair.gates.WeakPairError`
     (speed-ups measured on it would mean nothing) unless ``allow_weak_pair=True``.
     """
     d = _resolve(pair_dir, build)

@@ -23,13 +23,13 @@ from typing import Callable, Iterator
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 
-from .drafter import TreeDrafter
-from .hf_compat import execution_device
-from .kvstate import KVState, check_cache_support
-from .policies import DraftPolicy, StepContext, StepOutcome
-from .processing import Processing
-from .rejection import NO_TOKEN, Verdict, accept_coupled, accept_greedy, accept_sampling, inverse_cdf, position_uniform
-from .tree import DraftTree
+from adaspec_hf.core.proposer import TreeDrafter
+from adaspec_hf.compat import execution_device
+from adaspec_hf.core.kv import KVState, check_cache_support
+from adaspec_hf.policies.base import DraftPolicy, StepContext, StepOutcome
+from adaspec_hf.core.processing import Processing
+from adaspec_hf.core.verify import NO_TOKEN, Verdict, accept_coupled, accept_greedy, accept_sampling, inverse_cdf, position_uniform
+from adaspec_hf.core.tree import DraftTree
 
 logger = logging.getLogger("adaspec_hf")
 
@@ -253,7 +253,7 @@ class RowSource:
 
     def sample_keys(self, rid: torch.Tensor) -> torch.Tensor | None:
         """(B,) int64 sampling keys of the rows: sampled tokens are then position-keyed draws
-        (reproducible whatever is drafted, see :func:`~adaspec_hf.rejection.accept_coupled`).
+        (reproducible whatever is drafted, see :func:`~adaspec_hf.core.verify.accept_coupled`).
         None: draw from the step's generator in sequence (speculative sampling's own rule)."""
         return None
 
@@ -560,7 +560,7 @@ class SpeculativeDecoder:
     """Batched lossless speculative decoding for a target/draft pair sharing a vocabulary.
 
     Sampling: each call draws one key per row from ``generator`` (default: torch's global RNG), and
-    every sampled token is the position-keyed draw of :func:`~adaspec_hf.rejection.accept_coupled`,
+    every sampled token is the position-keyed draw of :func:`~adaspec_hf.core.verify.accept_coupled`,
     so the same seed gives the same text whatever the policy drafts. ``max_new_tokens`` is not
     allocated up front (rows that stop at EOS cost only what they generated).
     """

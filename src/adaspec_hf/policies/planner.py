@@ -21,11 +21,11 @@ import weakref
 import numpy as np
 import torch
 
-from .acceptance import AcceptanceModel
-from .latency import LatencyModel
-from .policies import DraftPolicy, LevelContext, StepContext, StepOutcome
-from .selection import best_prefix, goodput_budget
-from .tree import DraftTree
+from adaspec_hf.efficiency.acceptance import AcceptanceModel
+from adaspec_hf.efficiency.latency import LatencyModel
+from adaspec_hf.policies.base import DraftPolicy, LevelContext, StepContext, StepOutcome
+from adaspec_hf.policies.selection import best_prefix, goodput_budget
+from adaspec_hf.core.tree import DraftTree
 
 logger = logging.getLogger("adaspec_hf")
 
@@ -357,7 +357,7 @@ def planner_state(target, draft, sampling: bool = False) -> tuple[LatencyModel, 
         per_target = _STATE[target] = weakref.WeakKeyDictionary()
     state = per_target.get(draft)
     if state is None:
-        from .profiler import load_or_profile
+        from adaspec_hf.profiling.profiler import load_or_profile
 
         profile = load_or_profile(target, draft, quick=True)
         state = per_target[draft] = {"latency": LatencyModel(profile), "greedy": AcceptanceModel()}

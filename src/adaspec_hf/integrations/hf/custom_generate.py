@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from . import __version__
-from .hf import adaptive_generate
+from adaspec_hf import __version__
+from adaspec_hf.integrations.hf.generate import adaptive_generate
 
 FOLDER = "custom_generate"
 """Where transformers looks for the decoding method inside a model folder or repo."""
@@ -31,14 +31,14 @@ GENERATE_PY = '''"""adaspec-hf: adaptive, lossless speculative decoding as a tra
                    trust_remote_code=True, max_new_tokens=64)        # optional: draft_policy="static-4"
 
 The draft must share the target's tokenizer. Every HF generation option is honoured with HF's
-meaning or refused with a clear error (see adaspec_hf.hf.GENERATION_OPTIONS). Written by
+meaning or refused with a clear error (see adaspec_hf.integrations.hf.generate.GENERATION_OPTIONS). Written by
 `adaspec-hf export-generate`; the engine is the installed adaspec-hf package (requirements.txt).
 """
-import adaspec_hf.custom_generate
+import adaspec_hf.integrations.hf.custom_generate
 
 
 def generate(model, *args, **kwargs):
-    return adaspec_hf.custom_generate.generate(model, *args, **kwargs)
+    return adaspec_hf.integrations.hf.custom_generate.generate(model, *args, **kwargs)
 '''
 
 REQUIREMENTS_TXT = "adaspec-hf>=0.1\n"

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .tree import DraftTree
+from adaspec_hf.core.tree import DraftTree
 
 
 @dataclass

@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from .machine import is_busy, load_average
-from .pair_gates import WeakPairError
-from .bench import RESULTS_DIR, _default_text_prompts, load_prompt_ids, run_benchmark, write_results
+from adaspec_hf.machine import is_busy, load_average
+from adaspec_hf.pair.gates import WeakPairError
+from adaspec_hf.bench.harness import RESULTS_DIR, _default_text_prompts, load_prompt_ids, run_benchmark, write_results
 
 
 def register_cli(subparsers) -> None:
@@ -35,8 +35,8 @@ def register_cli(subparsers) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from . import enable
-    from .pair import load_models
+    from adaspec_hf import enable
+    from adaspec_hf.pair.build import load_models
 
     load = load_average()
     if is_busy(load):

@@ -10,7 +10,7 @@
 
 A background thread runs the step loop until :meth:`Engine.close` (or until the engine is dropped).
 Faults stay with their request or step: cache surgery and each step are all-or-nothing
-(:meth:`RowBatch.atomic <adaspec_hf.engine.RowBatch.atomic>`), so an out-of-memory error is rolled
+(:meth:`RowBatch.atomic <adaspec_hf.core.step.RowBatch.atomic>`), so an out-of-memory error is rolled
 back and retried, then fails only the newcomer or that step's rows; a request whose processor,
 sampling distribution or tokenizer fails fails alone; every handle resolves. Between steps, finished and
 cancelled requests leave the batch (``KVState.select_rows``) and queued ones are prefilled alone and
@@ -18,7 +18,7 @@ merged in (``KVState.append_rows``): earliest TTFT deadline first (latest start 
 prefill time predicted by the latency model), and into a running batch only while no running
 request's TPOT objective is put at risk by the bigger batch, unless the newcomer's own TTFT deadline
 cannot wait. Each step is the shared
-:class:`~adaspec_hf.engine.SpecStep` (draft -> select -> verify -> commit) with per-request
+:class:`~adaspec_hf.core.step.SpecStep` (draft -> select -> verify -> commit) with per-request
 tokens, sampling mode and logits processors, so greedy outputs equal ``target.generate`` for the
 same prompt whatever the batch around it.
 
@@ -46,17 +46,17 @@ from transformers import (
     GenerationConfig, LogitsProcessorList, PreTrainedModel,
 )
 
-from .hf_compat import logits_processors, prepare_generation_config
-from .engine import NO_TOKEN_MESSAGE, GenerationStats, RowBatch, RowSource, SpecStep, draw_keys
-from .serving_handle import Chunk, EngineClosed, RequestHandle, RequestResult
-from .kvstate import check_cache_support
-from .planner import AdaptivePlanner
-from .policies import DraftPolicy, LevelContext, StepContext
-from .processing import Processing
-from .selection import best_prefix, top_n_subtree
-from .rejection import NO_TOKEN, inverse_cdf, position_uniform
-from .slo import SLO
-from .tree import DraftTree
+from adaspec_hf.compat import logits_processors, prepare_generation_config
+from adaspec_hf.core.step import NO_TOKEN_MESSAGE, GenerationStats, RowBatch, RowSource, SpecStep, draw_keys
+from adaspec_hf.serving.handle import Chunk, EngineClosed, RequestHandle, RequestResult
+from adaspec_hf.core.kv import check_cache_support
+from adaspec_hf.policies.planner import AdaptivePlanner
+from adaspec_hf.policies.base import DraftPolicy, LevelContext, StepContext
+from adaspec_hf.core.processing import Processing
+from adaspec_hf.policies.selection import best_prefix, top_n_subtree
+from adaspec_hf.core.verify import NO_TOKEN, inverse_cdf, position_uniform
+from adaspec_hf.slo import SLO
+from adaspec_hf.core.tree import DraftTree
 
 logger = logging.getLogger("adaspec_hf")
 
@@ -498,11 +498,11 @@ def make_engine_policy(policy: "str | DraftPolicy", target, draft) -> DraftPolic
         return policy
     name = str(policy).strip().lower()
     if name in ("slo", "slo-tree"):
-        from .planner import planner_state
+        from adaspec_hf.policies.planner import planner_state
 
         latency, acceptance = planner_state(target, draft)
         return SLOPlanner(latency, acceptance, tree=name == "slo-tree")
-    from .registry import make_policy
+    from adaspec_hf.policies.registry import make_policy
 
     return make_policy(name, target, draft)
 
@@ -572,13 +572,13 @@ class Engine:
     """Continuous-batching speculative engine with per-request SLOs; see the module docstring.
 
     ``policy``: a name (``"slo"`` default: :class:`SLOPlanner`; ``"adaptive"``, ``"smartspec"``,
-    ``"static-K"``, ...) or a :class:`~adaspec_hf.policies.DraftPolicy`. ``max_rows``: requests in
+    ``"static-K"``, ...) or a :class:`~adaspec_hf.policies.base.DraftPolicy`. ``max_rows``: requests in
     the running batch at once. ``max_cached_tokens``: bound on each model's KV cache slots, rows x
     cache length with left padding and holes included, at every forward: a request joins only while
     rows x the longest request (prompt + max_new_tokens) fits, speculation is capped to the room
     left, and the caches are compacted when needed (a request that alone exceeds it is refused).
     ``seed``: per-request sampling keys, drawn in submission order (see :meth:`submit`).
-    ``latency``: a :class:`~adaspec_hf.latency.LatencyModel` for admission decisions (default: the
+    ``latency``: a :class:`~adaspec_hf.efficiency.latency.LatencyModel` for admission decisions (default: the
     policy's, if it has one). ``best_effort_wait_s``: longest a request without a TTFT objective
     waits for admission while SLO requests are protected.
     """
@@ -589,7 +589,7 @@ class Engine:
                  best_effort_wait_s: float = 2.0, start: bool = True):
         check_cache_support(target)
         check_cache_support(draft)
-        from .hf import check_vocab
+        from adaspec_hf.integrations.hf.generate import check_vocab
 
         check_vocab(target, draft)
         if not isinstance(max_rows, int) or max_rows < 1:

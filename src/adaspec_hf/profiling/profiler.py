@@ -4,7 +4,7 @@ Why: the efficiency model (docs/design.md, "The efficiency model") needs the for
 function of rows in the batch x query tokens per row x context length, plus the fixed per-step
 overhead. These costs are hardware-specific and not smooth (on CPU a 2-token verify can cost more
 than an 8-token one), so we measure a grid once, cache it as JSON keyed by everything that changes
-timings, and let :class:`adaspec_hf.latency.LatencyModel` interpolate it.
+timings, and let :class:`adaspec_hf.efficiency.latency.LatencyModel` interpolate it.
 
 How one grid point is timed: a cache of ``context`` tokens is already present (a one-row cache is
 prefilled once per context from random token ids, then repeated to ``rows`` rows); the timed call is
@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .hf_compat import cache_kwargs, forward_parameters, new_cache
-from .machine import is_busy, load_average
+from adaspec_hf.compat import cache_kwargs, forward_parameters, new_cache
+from adaspec_hf.machine import is_busy, load_average
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def profile_key(target: torch.nn.Module, draft: torch.nn.Module) -> dict[str, An
     """Everything a latency profile depends on. A profile is used only if its key is equal."""
     import transformers
 
-    from . import __version__
+    from adaspec_hf import __version__
 
     tp, dp = _param(target), _param(draft)
     return {
@@ -415,7 +415,7 @@ def _repair_outliers(results: dict[str, list[list[float]]], timers: dict[str, "_
     """
     import numpy as np
 
-    from .latency import RooflineFit
+    from adaspec_hf.efficiency.latency import RooflineFit
 
     t0 = time.perf_counter()
     done = 0
@@ -634,7 +634,7 @@ def plot_profile(prof: Profile, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .latency import LatencyModel, holdout_predictions
+    from adaspec_hf.efficiency.latency import LatencyModel, holdout_predictions
 
     model = LatencyModel(prof)
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
@@ -677,8 +677,8 @@ def plot_profile(prof: Profile, path: str | os.PathLike) -> Path:
 
 
 def _cli_profile(args: argparse.Namespace) -> int:
-    from .latency import holdout_report
-    from .pair import load_models
+    from adaspec_hf.efficiency.latency import holdout_report
+    from adaspec_hf.pair.build import load_models
 
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,7 +11,8 @@ import logging
 import sys
 
 # Modules that contribute subcommands, in help order.
-_CLI_MODULES = ("demo", "pair", "profiler", "bench", "custom_generate")
+_CLI_MODULES = ("adaspec_hf.cli.demo", "adaspec_hf.pair.build", "adaspec_hf.profiling.profiler",
+                "adaspec_hf.bench.harness", "adaspec_hf.integrations.hf.custom_generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _CLI_MODULES:
-        module = importlib.import_module(f"adaspec_hf.{name}")
+        module = importlib.import_module(name)
         module.register_cli(sub)
     return parser
 

@@ -4,7 +4,7 @@
 the batched speculative engine and return exactly what HF returns. Without ``adaptive=True`` (given
 to the call or saved in a ``GenerationConfig``), or ``candidate_generator=``, the call goes to HF's
 own ``generate`` untouched. Importing this module changes nothing. The same engine is reachable
-without ``enable`` through transformers' ``custom_generate`` (:mod:`adaspec_hf.custom_generate`).
+without ``enable`` through transformers' ``custom_generate`` (:mod:`adaspec_hf.integrations.hf.custom_generate`).
 
 Every ``GenerationConfig`` option is either honoured with HF's meaning or refused with a message
 naming it and the alternative: :data:`GENERATION_OPTIONS` is the table, :func:`check_options`
@@ -25,17 +25,17 @@ from transformers import (
     StopStringCriteria,
 )
 
-from .engine import GenerationStats, SpeculativeDecoder
-from .hf_compat import (
+from adaspec_hf.core.step import GenerationStats, SpeculativeDecoder
+from adaspec_hf.compat import (
     CandidateGenerator, cache_kwargs, candidate_generator_override, decoder_only_output, execution_device,
     forward_parameters, generation_defaults, logits_processors, new_cache, output_cache,
     prepare_generated_length, prepare_generation_config,
 )
-from .kvstate import KVState, check_cache_support
-from .drafter import TreeDrafter
-from .policies import Confidence, DraftPolicy, Heuristic, StaticChain, StepContext, StepOutcome
-from .processing import Processing
-from .registry import make_policy
+from adaspec_hf.core.kv import KVState, check_cache_support
+from adaspec_hf.core.proposer import TreeDrafter
+from adaspec_hf.policies.base import Confidence, DraftPolicy, Heuristic, StaticChain, StepContext, StepOutcome
+from adaspec_hf.core.processing import Processing
+from adaspec_hf.policies.registry import make_policy
 
 logger = logging.getLogger("adaspec_hf")
 
@@ -391,10 +391,10 @@ def adaptive_generate(
 
     ``draft_policy`` picks how much to speculate: ``"adaptive"`` (default: the fitted efficiency
     model), ``"static-K"``, ``"heuristic"``, ``"confidence"``, ``"smartspec"`` or a
-    :class:`~adaspec_hf.policies.DraftPolicy`; it may also be saved in the GenerationConfig, and HF's
+    :class:`~adaspec_hf.policies.base.DraftPolicy`; it may also be saved in the GenerationConfig, and HF's
     ``num_assistant_tokens`` / schedule / ``assistant_confidence_threshold`` map onto it. Options that
     cannot be honoured raise (see :data:`GENERATION_OPTIONS`). Statistics of the call are left in
-    ``model.adaspec_stats`` (:class:`~adaspec_hf.engine.GenerationStats`).
+    ``model.adaspec_stats`` (:class:`~adaspec_hf.core.step.GenerationStats`).
     """
     if assistant_model is None:
         raise ValueError("adaptive=True needs a draft model: pass assistant_model=draft")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .policies import Confidence, DraftPolicy, Heuristic, StaticChain, StaticTree
+from adaspec_hf.policies.base import Confidence, DraftPolicy, Heuristic, StaticChain, StaticTree
 
 POLICY_NAMES = ("adaptive", "adaptive-tree", "static-K", "tree-DxW", "heuristic", "confidence[-T]", "smartspec")
 
@@ -31,7 +31,7 @@ def make_policy(spec, target=None, draft=None, gen_config=None) -> DraftPolicy:
     if m := re.fullmatch(r"confidence(?:-([0-9.]+))?", name):
         return Confidence(float(m.group(1)) if m.group(1) else 0.4)
     if name in ("adaptive", "adaptive-tree", "smartspec"):
-        from .planner import make_planner  # the efficiency model needs a latency profile
+        from adaspec_hf.policies.planner import make_planner  # the efficiency model needs a latency profile
 
         sampling = bool(getattr(gen_config, "do_sample", False))
         return make_planner(name, target, draft, sampling)

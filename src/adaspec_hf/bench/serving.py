@@ -1,6 +1,6 @@
 """Serving benchmark: replay seeded workloads against the engine, systems side by side, one run.
 
-For each request rate and each system (a draft policy in the same :class:`~adaspec_hf.serving.Engine`)
+For each request rate and each system (a draft policy in the same :class:`~adaspec_hf.serving.engine.Engine`)
 the same workload is replayed in real time: requests are submitted at their arrival times, each
 with its SLO class; TTFT / TPOT percentiles, SLO attainment, goodput and throughput come from the
 `evaluate` metric module :mod:`adaspec_hf.metrics` (``serving_metrics``).
@@ -31,8 +31,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .metrics import compute_serving_metrics
-from .workload import SLOClass, Workload, make_workload
+from adaspec_hf.metrics import compute_serving_metrics
+from adaspec_hf.bench.workload import SLOClass, Workload, make_workload
 
 logger = logging.getLogger("adaspec_hf")
 
@@ -97,11 +97,11 @@ def slo_classes(cal: Calibration, *, tight: float = 1.2, loose: float = 3.0, tig
 def make_system_policy(name: str, target, draft):
     """A fresh policy per system: its own latency corrections and acceptance calibration (the
     profiled latency grid is shared, measured once per pair)."""
-    from .acceptance import AcceptanceModel
-    from .latency import LatencyModel
-    from .planner import AdaptivePlanner, SmartSpec, planner_state
-    from .registry import make_policy
-    from .serving import SLOPlanner
+    from adaspec_hf.efficiency.acceptance import AcceptanceModel
+    from adaspec_hf.efficiency.latency import LatencyModel
+    from adaspec_hf.policies.planner import AdaptivePlanner, SmartSpec, planner_state
+    from adaspec_hf.policies.registry import make_policy
+    from adaspec_hf.serving.engine import SLOPlanner
 
     key = name.strip().lower()
     planners = {"smartspec": lambda lat, acc: SmartSpec(lat, acc),
@@ -118,13 +118,13 @@ def make_system_policy(name: str, target, draft):
 def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max_rows: int = 8,
                warmup: int = 4, drain_timeout: float = 15.0, seed: int = 0, policy=None) -> dict:
     """Replay ``workload`` in real time on a fresh engine; return metrics and per-request records."""
-    from .serving import Engine
+    from adaspec_hf.serving.engine import Engine
 
     policy = policy if policy is not None else make_system_policy(system, target, draft)
     latency = getattr(policy, "latency", None)
     if latency is None:  # every system gets the same latency-model-based admission
-        from .latency import LatencyModel
-        from .planner import planner_state
+        from adaspec_hf.efficiency.latency import LatencyModel
+        from adaspec_hf.policies.planner import planner_state
 
         latency = LatencyModel(planner_state(target, draft)[0].profile)
     engine = Engine(target, draft, tokenizer, policy, max_rows=max_rows, seed=seed, latency=latency)
@@ -286,7 +286,7 @@ def run_serving_benchmark(
     extra_config: dict | None = None,
 ) -> ServingBenchResult:
     """Calibrate, build one seeded workload per rate, replay it for every system; see the module doc."""
-    from .bench import machine_info
+    from adaspec_hf.bench.harness import machine_info
 
     # one workload template to calibrate on (same prompts / lengths as the real ones)
     probe = make_workload(prompts, 1.0, n_requests=64, output_len=output_len, tokenizer=tokenizer,
@@ -373,7 +373,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register_serve_cli(subparsers) -> None:
-    """``adaspec-hf bench serve ...`` (hooked from :func:`adaspec_hf.bench.register_cli`)."""
+    """``adaspec-hf bench serve ...`` (hooked from :func:`adaspec_hf.bench.harness.register_cli`)."""
     p = subparsers.add_parser("serve", help="SLO serving benchmark (attainment and goodput vs request rate)")
     add_serve_arguments(p)
     p.set_defaults(func=serve_cli)
@@ -382,7 +382,7 @@ def register_serve_cli(subparsers) -> None:
 def serve_cli(args: argparse.Namespace) -> int:
     import sys
 
-    from .pair import load_models, load_pair, load_prompts
+    from adaspec_hf.pair.build import load_models, load_pair, load_prompts
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -395,7 +395,7 @@ def serve_cli(args: argparse.Namespace) -> int:
         if args.target is None:
             prompts = load_prompts(None, n=args.n_prompts)
         else:
-            from .bench import _default_text_prompts
+            from adaspec_hf.bench.harness import _default_text_prompts
 
             prompts = [tok.decode(p) for p in _default_text_prompts(tok, args.n_prompts or 8)]
     for m in (target, draft):

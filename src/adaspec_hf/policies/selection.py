@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .tree import DraftTree
+from adaspec_hf.core.tree import DraftTree
 
 
 def top_n_subtree(tree: DraftTree, values: torch.Tensor, n: torch.Tensor) -> torch.Tensor:

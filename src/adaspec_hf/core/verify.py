@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tree import DraftTree
+from adaspec_hf.core.tree import DraftTree
 
 
 @dataclass
