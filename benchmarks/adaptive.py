@@ -16,8 +16,9 @@ import json
 from pathlib import Path
 
 from adaspec_hf import enable
-from adaspec_hf.bench.harness import _default_text_prompts, load_prompt_ids, run_benchmark, write_results
-from adaspec_hf.pair.build import load_models
+from adaspec_hf.bench.harness import run_benchmark, write_results
+from adaspec_hf.bench.prompts import default_text_prompts, load_prompt_ids
+from adaspec_hf.pair import load_models
 
 STATIC = [f"static-{k}" for k in range(1, 9)]
 TREES = ["tree-4x2", "tree-3x3"]
@@ -40,7 +41,7 @@ def main() -> None:
     target, draft, tok = load_models(args.target, args.draft, allow_weak_pair=args.allow_weak_pair)
     enable(target)
     n_all = max(int(b) for b in args.batch_sizes.split(","))
-    prompts = load_prompt_ids(tok, n_all) if args.target is None else _default_text_prompts(tok, n_all)
+    prompts = load_prompt_ids(tok, n_all) if args.target is None else default_text_prompts(tok, n_all)
     common = dict(max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=0,
                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     # one global warm-up (also takes the latency profile if none is cached yet)

@@ -16,9 +16,9 @@ import torch
 
 from adaspec_hf import enable
 from adaspec_hf.efficiency.acceptance import AcceptanceModel
-from adaspec_hf.bench.harness import load_prompt_ids
-from adaspec_hf.pair.build import load_models
-from adaspec_hf.policies.base import StaticChain
+from adaspec_hf.bench.prompts import load_prompt_ids
+from adaspec_hf.pair import load_models
+from adaspec_hf.policies import StaticChain
 
 
 class Recorder(StaticChain):

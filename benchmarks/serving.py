@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from adaspec_hf.bench.serving import main
+from adaspec_hf.cli.bench import serve_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import adaspec_hf
-from adaspec_hf.pair.build import default_pair_dir
+from adaspec_hf.pair import default_pair_dir, load_pair
 
 
 def tiny_pair():
@@ -25,8 +25,6 @@ def tiny_pair():
 
 def main() -> None:
     if (default_pair_dir() / "report.json").exists():
-        from adaspec_hf.pair.build import load_pair
-
         target, draft, tok = load_pair(build=False, allow_weak_pair=True)  # a correctness check: any pair will do
         texts = ["def read_config(path):\n    \"\"\"Read a", "class Stack:\n    def push(self, item):\n"]
         tok.padding_side = "left"
@@ -45,6 +43,13 @@ def main() -> None:
     stats = target.adaspec_stats
     print(f"identical outputs for a batch of {fast.shape[0]}; {stats.target_forwards} target passes for "
           f"{stats.new_tokens} tokens ({stats.tokens_per_step:.2f} tokens per pass, policy {stats.policy})")
+    # the planner's settings as one validated object (a dict or a policy name work too)
+    cfg = adaspec_hf.AdaptiveConfig(policy="adaptive-tree", max_depth=6, max_children=2)
+    tree = target.generate(**inputs, max_new_tokens=32, do_sample=False, assistant_model=draft, adaptive=True,
+                           adaptive_config=cfg)
+    assert torch.equal(plain, tree), "token trees are lossless too"
+    print(f"adaptive-tree (max_depth=6): {target.adaspec_stats.tokens_per_step:.2f} tokens per pass; "
+          f"config recorded: {target.adaspec_stats.config['policy']}")
     if tok is not None:
         for row in fast:
             print(repr(tok.decode(row, skip_special_tokens=True)))

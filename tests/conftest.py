@@ -70,7 +70,7 @@ def llama_pair():
 
 def random_shapes(seed: int, max_depth: int = 5, max_width: int = 3, p_empty: float = 0.2, p_chain: float = 0.3):
     """A draft policy with random per-row, per-step chain/tree shapes, including nothing drafted."""
-    from adaspec_hf.policies.base import ShapeFunction, TreeShape
+    from adaspec_hf.policies import ShapeFunction, TreeShape
 
     def fn(step: int, row: int):
         r = random.Random(seed * 1_000_003 + step * 1009 + row)

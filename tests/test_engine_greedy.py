@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from adaspec_hf.core.step import SpeculativeDecoder
-from adaspec_hf.policies.base import StaticChain
+from adaspec_hf.core import SpeculativeDecoder
+from adaspec_hf.policies import StaticChain
 
 from conftest import ARCHS, pair, ragged_batch, random_shapes
 

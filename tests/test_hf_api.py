@@ -198,7 +198,6 @@ def _tiny(cls_name: str, cfg_name: str, **kw):
 
 
 @pytest.mark.parametrize("build, reason", [
-    (lambda: _tiny("MptForCausalLM", "MptConfig", n_layers=1, d_model=32, n_heads=4), "ALiBi position bias by cache slot"),
     (lambda: _tiny("MambaForCausalLM", "MambaConfig", hidden_size=32, num_hidden_layers=1), "recurrent/state-space"),
     (lambda: _tiny("GPTNeoForCausalLM", "GPTNeoConfig", num_layers=2, attention_types=[[["global", "local"], 1]],
                    hidden_size=32, num_heads=4, window_size=4, max_position_embeddings=64), "window_size=4"),

@@ -20,7 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation import configuration_utils as gcu
 
 import adaspec_hf
-from adaspec_hf.integrations.hf import generate as hf
+from adaspec_hf.integrations import hf
 from adaspec_hf.compat import output_cache
 
 from conftest import VOCAB, pair, ragged_batch, char_tokenizer

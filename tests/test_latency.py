@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from adaspec_hf.efficiency.latency import LatencyModel, LatencyTable, RooflineFit, holdout_mape, holdout_report
-from adaspec_hf.profiling.profiler import Profile
+from adaspec_hf.efficiency.latency import LatencyModel, LatencyTable, RooflineFit
+from adaspec_hf.profiling import Profile
 
 ROWS, TOKENS, CTXS = (1, 2, 4, 8), (1, 2, 3, 4, 8), (16, 64, 256)
 
@@ -113,22 +113,6 @@ def test_observe_moves_prediction_toward_observed():
     assert m.overhead > 2e-4
     m.reset_corrections()
     assert m.target_time(4, 4, 64) == pytest.approx(base) and m.overhead == pytest.approx(2e-4)
-
-
-def test_holdout_mape_small_on_smooth_costs():
-    prof = synthetic(kink=False)
-    assert holdout_mape(prof, "target", "axes") < 1e-6  # roofline interpolates exactly
-    rep = holdout_report(prof)
-    assert set(rep) == {"target", "draft"}
-    assert all(v < 0.1 for v in rep["target"].values())
-
-
-def test_noisy_costs_report_finite_mape():
-    rng = np.random.default_rng(0)
-    prof = synthetic(kink=True)
-    prof.target = [[r, t, c, s * rng.uniform(0.95, 1.05)] for r, t, c, s in prof.target]
-    err = holdout_mape(prof, "target", "points")
-    assert 0 <= err < 1
 
 
 def test_single_context_axis():

@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from adaspec_hf.pair import build as P
+import adaspec_hf.pair as P
+from adaspec_hf.cli import pair as pair_cli
+from adaspec_hf.pair import threads
 from adaspec_hf.compat import cache_kwargs, output_cache
 from adaspec_hf.pair.corpus import load_corpus, stdlib_files
 
@@ -110,7 +112,7 @@ def test_load_pair_prompts_and_grown_target(quick_pair):
 def test_cli_info(quick_pair, capsys):
     d, _ = quick_pair
     parser = argparse.ArgumentParser()
-    P.register_cli(parser.add_subparsers(dest="command"))
+    pair_cli.register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["pair", "info", "--dir", str(d)])
     assert args.func(args) == 0
     assert "draft_agreement" in capsys.readouterr().out
@@ -146,7 +148,7 @@ def test_default_cache_dir_env(monkeypatch, tmp_path):
 
 def test_cli_parses_build_options():
     parser = argparse.ArgumentParser()
-    P.register_cli(parser.add_subparsers(dest="command"))
+    pair_cli.register_cli(parser.add_subparsers(dest="command"))
     a = parser.parse_args(["pair", "build", "--out", "x", "--corpus", "a", "b", "--quick", "--seed", "3",
                            "--force"])
     assert (a.out, a.corpus, a.quick, a.seed, a.force) == ("x", ["a", "b"], True, 3, True)
@@ -189,9 +191,9 @@ def test_thread_tuner_follows_the_faster_setting(monkeypatch):
     if full < 2:
         pytest.skip("needs >= 2 intra-op threads")
     clock = [0.0]
-    monkeypatch.setattr(P.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock[0])
     cost = {full: 1.0, 1: 0.3}  # a busy machine: 1 thread is faster
-    tuner = P._ThreadTuner(period=10, probe=3)
+    tuner = threads.ThreadTuner(period=10, probe=3)
     try:
         used = []
         for step in range(60):

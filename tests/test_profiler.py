@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from adaspec_hf.profiling import profiler
-from adaspec_hf.profiling.profiler import Profile, load_or_profile, load_profile, profile, profile_key, save_profile
+from adaspec_hf.cli import profile as profile_cli
+from adaspec_hf.profiling import report, store, sweep
+from adaspec_hf.profiling import Profile, load_or_profile, load_profile, profile, profile_key, save_profile
 
 TINY_GRID = dict(rows=(1, 2), tokens=(1, 3), contexts=(8, 16), repeats=1, progress=False)
 
@@ -81,8 +82,8 @@ def test_profile_with_changed_key_field_is_rejected(pair, prof, cache_env, caplo
     # same file name, but a different torch version inside: must not be used, and must say why
     stale = Profile.from_json(prof.to_json())
     stale.key["torch"] = "0.0.1"
-    save_profile(stale, profiler.profile_path(profile_key(*pair)))
-    with caplog.at_level(logging.INFO, logger="adaspec_hf.profiling.profiler"):
+    save_profile(stale, store.profile_path(profile_key(*pair)))
+    with caplog.at_level(logging.INFO, logger="adaspec_hf.profiling"):
         assert load_profile(*pair) is None
     assert "torch" in caplog.text and "0.0.1" in caplog.text
 
@@ -90,7 +91,7 @@ def test_profile_with_changed_key_field_is_rejected(pair, prof, cache_env, caplo
 def test_profile_for_other_setup_is_not_used(pair, prof, cache_env, caplog, monkeypatch):
     save_profile(prof)
     monkeypatch.setattr(torch, "__version__", "9.9.9")  # the environment changed since profiling
-    with caplog.at_level(logging.INFO, logger="adaspec_hf.profiling.profiler"):
+    with caplog.at_level(logging.INFO, logger="adaspec_hf.profiling"):
         assert load_profile(*pair) is None
     assert "9.9.9" in caplog.text
     # a changed config is a different key too
@@ -98,11 +99,11 @@ def test_profile_for_other_setup_is_not_used(pair, prof, cache_env, caplog, monk
 
 
 def test_load_or_profile_takes_and_saves_a_quick_profile(pair, cache_env, monkeypatch, caplog):
-    monkeypatch.setattr(profiler, "QUICK_ROWS", (1, 2))
-    monkeypatch.setattr(profiler, "QUICK_TOKENS", (1, 2))
-    monkeypatch.setattr(profiler, "QUICK_CONTEXTS", (8, 16))
-    monkeypatch.setattr(profiler, "QUICK_REPEATS", 1)
-    with caplog.at_level(logging.INFO, logger="adaspec_hf.profiling.profiler"):
+    monkeypatch.setattr(sweep, "QUICK_ROWS", (1, 2))
+    monkeypatch.setattr(sweep, "QUICK_TOKENS", (1, 2))
+    monkeypatch.setattr(sweep, "QUICK_CONTEXTS", (8, 16))
+    monkeypatch.setattr(sweep, "QUICK_REPEATS", 1)
+    with caplog.at_level(logging.INFO, logger="adaspec_hf.profiling"):
         first = load_or_profile(*pair)
     assert first.meta["quick"]
     assert "taking a quick one" in caplog.text
@@ -127,23 +128,25 @@ def test_cli_registers_profile_command():
     import argparse
 
     parser = argparse.ArgumentParser()
-    profiler.register_cli(parser.add_subparsers(dest="command"))
+    profile_cli.register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["profile", "--fine", "--plot", "x.png", "--dtype", "bfloat16", "--device", "cpu"])
-    assert args.func is profiler._cli_profile and args.fine and args.plot == "x.png"
+    assert args.func is profile_cli._cli_profile and args.fine and args.plot == "x.png"
     assert args.target is None and args.draft is None
 
 
 def test_table_and_plot(prof, tmp_path):
-    text = profiler.format_table(prof)
+    text = report.format_table(prof)
     assert "target forward ms" in text and "draft forward ms" in text
-    png = profiler.plot_profile(prof, tmp_path / "lat.png")
+    png = report.plot_profile(prof, tmp_path / "lat.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_repair_remeasures_disturbed_points():
     class FakeTimer:
-        _cache = None
         calls: list = []
+
+        def drop_cache(self):
+            pass
 
         def time(self, r, t, c):
             self.calls.append((r, t, c))
@@ -152,6 +155,6 @@ def test_repair_remeasures_disturbed_points():
     pts = [[r, t, 64, 1e-3 * (1 + r * t)] for r in (1, 2, 4) for t in (1, 2, 4)]
     pts[4][3] *= 30  # another process got in the way of this one
     fake = FakeTimer()
-    n = profiler._repair_outliers({"target": pts}, {"target": fake}, None)
+    n = sweep._repair_outliers({"target": pts}, {"target": fake}, None)
     assert n == 1 and fake.calls == [(2, 2, 64)]
     assert pts[4][3] == pytest.approx(5e-3)

@@ -6,8 +6,8 @@ import itertools
 import pytest
 import torch
 
-from adaspec_hf.core.step import SpeculativeDecoder
-from adaspec_hf.policies.base import StaticChain, ShapeFunction, TreeShape
+from adaspec_hf.core import SpeculativeDecoder
+from adaspec_hf.policies import StaticChain, ShapeFunction, TreeShape
 from adaspec_hf.core.verify import accept_sampling, node_step
 from adaspec_hf.core.tree import DraftTree
 

@@ -16,8 +16,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from adaspec_hf import SLO, Engine, EngineClosed, SLOPlanner
 from adaspec_hf.efficiency.latency import LatencyModel
-from adaspec_hf.policies.base import ShapeFunction, StaticChain, TreeShape
-from adaspec_hf.serving.engine import ServingStepContext
+from adaspec_hf.policies import ShapeFunction, StaticChain, TreeShape
+from adaspec_hf.policies import StepContext as ServingStepContext
 from adaspec_hf.core.tree import DraftTree
 
 from conftest import VOCAB, pair
@@ -383,10 +383,11 @@ def test_text_prompts_streaming_and_stop_strings():
         text = "".join(h.text())
         res = h.result()
         assert res.token_ids == ref and res.text == text == tok.decode(ref)
-        stop_word = f"w{ref[5]}"
-        cut = next(k + 1 for k in range(len(ref)) if stop_word in tok.decode(ref[: k + 1]))
-        s = engine.submit(prompt, max_new_tokens=16, stop=[stop_word, "never"]).result()
-        assert s.finish_reason == "stop" and s.token_ids == ref[:cut] and s.text.endswith(stop_word)
+        # stop strings are HF's StopStringCriteria, which cannot index this word-level vocabulary
+        # (generate(stop_strings=...) refuses it too); tests/test_serving_stops.py matches them
+        with pytest.raises(ValueError, match="StopStringCriteria"):
+            engine.submit(prompt, max_new_tokens=16, stop=[f"w{ref[5]}"])
+        assert engine.generate(prompt, max_new_tokens=3).token_ids == ref[:3]  # the engine serves on
 
 
 # ------------------------------------------------------------------- streamed text with cleanup (5)
@@ -508,7 +509,7 @@ def test_max_cached_tokens_bounds_the_cache_slots(monkeypatch):
 # ------------------------------------------------------------ generate allocates as it goes (8)
 def test_generate_with_a_huge_max_new_tokens_stops_at_eos():
     from adaspec_hf import enable
-    from adaspec_hf.core.step import SpeculativeDecoder
+    from adaspec_hf.core import SpeculativeDecoder
 
     target, draft = pair("llama")
     target = enable(copy.deepcopy(target))  # keep the shared instance un-patched
@@ -533,11 +534,12 @@ def test_generate_with_a_huge_max_new_tokens_stops_at_eos():
 # ---------------------------------------------------------------- per-request state is dropped (9)
 def test_per_request_state_is_dropped(monkeypatch):
     from adaspec_hf.serving import engine as serving
+    from adaspec_hf.serving import intake
     from adaspec_hf.policies.planner import AdaptivePlanner
-    from adaspec_hf.policies.base import Heuristic
+    from adaspec_hf.policies import Heuristic
 
     monkeypatch.setattr(serving, "STEP_HISTORY", 16)
-    monkeypatch.setattr(serving, "PROCESSOR_CACHE_SIZE", 4)
+    monkeypatch.setattr(intake, "PROCESSOR_CACHE_SIZE", 4)
     target, _ = pair("llama")
     draft = confident_draft()
     prompts = make_prompts(12, 32)
@@ -552,27 +554,9 @@ def test_per_request_state_is_dropped(monkeypatch):
         assert st.new_tokens == sum(len(h.result().token_ids) for h in hs)
         assert st.accepted_tokens == sum(h.result().accepted_tokens for h in hs)
         assert st.drafted_tokens == sum(h.result().drafted_tokens for h in hs)
-        assert len(engine._proc_cache) <= 4
+        assert len(engine._intake.proc_cache) <= 4
         for name in ("alpha", "first_value", "k"):
             assert not getattr(policy, name, {}), f"{type(policy).__name__}.{name} kept finished requests' state"
-
-
-def test_pair_state_is_per_draft_object_not_per_id(monkeypatch):
-    import gc
-
-    from adaspec_hf.policies import planner
-    from adaspec_hf.profiling import profiler
-
-    monkeypatch.setattr(profiler, "load_or_profile", lambda t, d, quick=True: synthetic_latency().profile)
-    target, _ = pair("llama")
-    drafts = [copy.deepcopy(confident_draft()) for _ in range(2)]
-    lat0, _ = planner.planner_state(target, drafts[0])
-    lat1, _ = planner.planner_state(target, drafts[1])
-    assert lat0 is not lat1 and planner.planner_state(target, drafts[0])[0] is lat0
-    n = len(planner._STATE[target])
-    del drafts[0]
-    gc.collect()
-    assert len(planner._STATE[target]) < n  # a dead draft's profile cannot be handed to a new one
 
 
 # ------------------------------------------------------------------------------- small things (10)

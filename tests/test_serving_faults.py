@@ -13,7 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from adaspec_hf import Engine, EngineClosed
 from adaspec_hf.core.kv import KVState
-from adaspec_hf.policies.base import StaticChain
+from adaspec_hf.policies import StaticChain
 
 from conftest import VOCAB, pair
 from test_serving import make_prompts, random_shapes, reference, word_tokenizer

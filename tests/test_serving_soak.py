@@ -14,8 +14,8 @@ import torch
 from adaspec_hf import SLO, Engine
 from adaspec_hf.core.kv import KVState
 
-from conftest import pair
-from test_serving import AlwaysBehind, confident_draft, make_prompts, reference, synthetic_latency, word_tokenizer
+from conftest import char_tokenizer, pair
+from test_serving import AlwaysBehind, confident_draft, make_prompts, reference, synthetic_latency
 
 N_CLIENTS, PER_CLIENT = 4, 40
 FAULT_RATE = 0.02  # per cache operation / forward / decode
@@ -61,6 +61,9 @@ class Faults:
             def __call__(self, *a, **k):
                 return tok(*a, **k)
 
+            def __getattr__(self, name):  # vocabulary access for HF's stop-string criterion
+                return getattr(tok, name)
+
             def decode(self, ids, **k):
                 if faults.on and faults.rng.random() < FAULT_RATE / 4:
                     faults.raised["decode"] = faults.raised.get("decode", 0) + 1
@@ -73,11 +76,11 @@ def test_soak_with_random_faults(monkeypatch):
     target, _ = pair("llama")
     draft = confident_draft()
     prompts = make_prompts(6, 50)
-    words = word_tokenizer()
+    chars = char_tokenizer()
     refs = {(i, n): reference(p, n) for i, p in enumerate(prompts) for n in (4, 9, 16)}
     faults = Faults(monkeypatch, target, seed=7)
     policy = AlwaysBehind(synthetic_latency(), tree=True, max_depth=4)
-    engine = Engine(target, draft, faults.tokenizer(words), policy=policy, max_rows=4,
+    engine = Engine(target, draft, faults.tokenizer(chars), policy=policy, max_rows=4,
                     max_cached_tokens=MAX_CACHED, seed=0)
     submitted, lock, client_errors = [], threading.Lock(), []
     streams: dict[int, list[int]] = {}
@@ -97,7 +100,8 @@ def test_soak_with_random_faults(monkeypatch):
             if kind == "sampled":
                 kw.update(do_sample=True, temperature=1.1, seed=rng.randrange(3))
             elif kind == "stop":
-                kw.update(stop=[f"w{refs[(i, n)][min(n // 2, len(refs[(i, n)]) - 1)]}"])
+                ref = refs[(i, n)]
+                kw.update(stop=[chars.decode([ref[min(n // 2, len(ref) - 1)]]) or "never"])
             h = engine.submit(prompts[i], **kw)
             with lock:
                 submitted.append((h, i, n, kind, kw.get("seed")))
@@ -135,7 +139,7 @@ def test_soak_with_random_faults(monkeypatch):
             got = samples.setdefault((i, n, seed), res.token_ids)
             assert got == res.token_ids  # a seeded sample repeats whatever the batch and the faults
     assert len({h.request_id for h, *_ in submitted}) == N_CLIENTS * PER_CLIENT
-    assert counts.get("length", 0) + counts.get("eos", 0) > N_CLIENTS * PER_CLIENT // 2
+    assert sum(counts.get(k, 0) for k in ("length", "eos", "stop")) > N_CLIENTS * PER_CLIENT // 2  # ran to their end
     assert sum(faults.raised.values()) > 5 and len(faults.raised) >= 4, faults.raised
     assert faults.peak["target"] <= MAX_CACHED and faults.peak["draft"] <= MAX_CACHED, faults.peak
     faults.on = False

@@ -8,7 +8,7 @@ import torch
 
 from adaspec_hf.core.proposer import TreeDrafter
 from adaspec_hf.core.kv import KVState
-from adaspec_hf.policies.base import StaticTree, StepContext
+from adaspec_hf.policies import StaticTree, StepContext
 from adaspec_hf.core.processing import Processing
 from adaspec_hf.policies.registry import make_policy
 from adaspec_hf.policies.selection import goodput_budget, top_n_subtree

@@ -8,21 +8,23 @@ Importing changes nothing; opt a model in explicitly::
 """
 from __future__ import annotations
 
-from adaspec_hf.core.step import DecodeResult, GenerationStats, SpeculativeDecoder, StepRecord
-from adaspec_hf.integrations.hf.generate import AdaptiveCandidateGenerator, adaptive_generate, check_vocab, disable, enable
-from adaspec_hf.policies.base import (
+from adaspec_hf.core import DecodeResult, GenerationStats, SpeculativeDecoder, StepRecord
+from adaspec_hf.integrations.hf import AdaptiveCandidateGenerator, adaptive_generate, check_vocab, disable, enable
+from adaspec_hf.policies import (
     Confidence, DraftPolicy, Heuristic, LevelContext, ShapeFunction, StaticChain, StepContext,
     StepOutcome, TreeShape,
 )
-from adaspec_hf.policies.registry import POLICY_NAMES, make_policy
-from adaspec_hf.serving.engine import Chunk, Engine, EngineClosed, RequestHandle, RequestResult, SLOPlanner
+from adaspec_hf.config import AdaptiveConfig, EngineConfig
+from adaspec_hf.policies.registry import POLICY_NAMES, make_policy, register_policy
+from adaspec_hf.policies.slo import SLOPlanner
+from adaspec_hf.serving import Chunk, Engine, EngineClosed, RequestHandle, RequestResult
 from adaspec_hf.slo import SLO
 from adaspec_hf.core.tree import DraftTree
 
-__version__ = "0.1.0"
+from adaspec_hf._version import __version__
 
 __all__ = [
-    "AdaptiveCandidateGenerator", "Chunk", "Confidence", "Engine", "EngineClosed", "RequestHandle",
+    "AdaptiveCandidateGenerator", "AdaptiveConfig", "EngineConfig", "register_policy", "Chunk", "Confidence", "Engine", "EngineClosed", "RequestHandle",
     "RequestResult", "SLO", "SLOPlanner", "DecodeResult", "DraftPolicy", "DraftTree",
     "GenerationStats", "Heuristic", "LevelContext", "POLICY_NAMES", "ShapeFunction",
     "SpeculativeDecoder", "StaticChain", "StepContext", "StepOutcome", "StepRecord", "TreeShape",

@@ -29,9 +29,13 @@ What moves, and how each is guarded:
 - ``torch.compile`` wrappers (``OptimizedModule._orig_mod``) hide the model's ``forward`` signature:
   :func:`unwrap_compiled`; accelerate offload hooks (``_hf_hook.execution_device``) make
   ``model.device`` report ``meta`` for weights offloaded to disk: :func:`execution_device`.
-- BLOOM's ``transformer.build_alibi_tensor(attention_mask, num_heads, dtype)`` derives ALiBi key
-  positions from a 2-D mask's cumsum; under a 4-D tree mask :func:`alibi_from_positions` hands it
-  the cache's explicit key positions for the duration of one forward (BLOOM takes no ``position_ids``).
+- ALiBi models take no ``position_ids``. BLOOM's ``transformer.build_alibi_tensor(attention_mask,
+  num_heads, dtype)`` derives key positions from a 2-D mask's cumsum (one bias row per batch row);
+  MPT's ``transformer.build_mpt_alibi_tensor(num_heads, max_seq_len, alibi_bias_max, device)``
+  builds one (heads, 1, max_seq_len) bias for the whole batch that each attention layer slices by
+  key *slot*. Under a 4-D tree mask over a cache with holes, :func:`alibi_from_positions` makes
+  either builder return the bias of the cache's explicit key positions for one forward; MPT's bias
+  has no batch dimension, so it is built for one row (:func:`alibi_per_row` says which kind).
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ __all__ = [
     "CandidateGenerator", "cache_kwargs", "cache_arg_name", "output_cache", "new_cache", "cache_layers",
     "decoder_only_output", "prepare_generation_config", "prepare_special_tokens", "logits_processors",
     "candidate_generator_override", "forward_parameters", "generation_defaults", "prepare_generated_length",
-    "unwrap_compiled", "execution_device", "alibi_from_positions",
+    "unwrap_compiled", "execution_device", "alibi_from_positions", "alibi_per_row",
 ]
 
 CACHE_ARG_NAMES = ("cache", "past_key_values")  # newest first
@@ -229,33 +233,58 @@ def logits_processors(
     )
 
 
+_BLOOM_ALIBI = "build_alibi_tensor"  # (attention_mask, num_heads, dtype) -> (B * H, 1, K)
+_MPT_ALIBI = "build_mpt_alibi_tensor"  # (num_heads, sequence_length, alibi_bias_max, device) -> (H, 1, L)
+
+
+def _alibi_builder(model: PreTrainedModel) -> tuple[Any, str]:
+    inner = getattr(unwrap_compiled(model), "transformer", None)
+    for name in (_BLOOM_ALIBI, _MPT_ALIBI):
+        if callable(getattr(inner, name, None)):
+            return inner, name
+    raise RuntimeError(f"{type(model).__name__} has no transformer.{_BLOOM_ALIBI} / transformer.{_MPT_ALIBI} on "
+                       "this transformers release; its ALiBi bias cannot be built from explicit positions")
+
+
+def alibi_per_row(model: PreTrainedModel) -> bool:
+    """Whether the model's ALiBi bias has a batch dimension (BLOOM) or is one for all rows (MPT)."""
+    return _alibi_builder(model)[1] == _BLOOM_ALIBI
+
+
 @contextlib.contextmanager
 def alibi_from_positions(model: PreTrainedModel, key_positions: torch.Tensor) -> Iterator[None]:
-    """Make a BLOOM forward build its ALiBi bias from ``key_positions`` (B, K) instead of its mask.
+    """Make an ALiBi forward build its bias from ``key_positions`` (B, K) instead of its mask / slots.
 
     ALiBi adds ``slope_h * key_position`` to every score (softmax is shift-invariant per query), so
-    explicit positions give exactly what HF's cumsum of a contiguous 2-D mask gives.
+    explicit positions give exactly what HF's contiguous decoding gives. MPT's bias is shared by the
+    batch: there ``key_positions`` must be one row (B == 1), or rows whose visible keys' positions
+    differ from row 0's by a per-row constant.
     """
-    inner = getattr(unwrap_compiled(model), "transformer", None)
-    original = getattr(inner, "build_alibi_tensor", None)
-    if original is None:
-        raise RuntimeError(f"{type(model).__name__} has no transformer.build_alibi_tensor on this transformers release")
-    previous = inner.__dict__.get("build_alibi_tensor")
+    inner, name = _alibi_builder(model)
+    original = getattr(inner, name)
+    previous = inner.__dict__.get(name)
 
-    def build(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-        ones = torch.ones(1, 2, device=key_positions.device)
-        slopes = original(ones, num_heads, torch.float32).reshape(num_heads, 2)[:, 1]  # HF's slopes: bias at pos 1
-        alibi = slopes[None, :, None] * key_positions[:, None, :].to(torch.float32)
-        return alibi.reshape(-1, 1, key_positions.shape[1]).to(dtype)
+    if name == _BLOOM_ALIBI:
+        def build(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+            ones = torch.ones(1, 2, device=key_positions.device)
+            slopes = original(ones, num_heads, torch.float32).reshape(num_heads, 2)[:, 1]  # HF's slopes: bias at pos 1
+            alibi = slopes[None, :, None] * key_positions[:, None, :].to(torch.float32)
+            return alibi.reshape(-1, 1, key_positions.shape[1]).to(dtype)
+    else:
+        def build(num_heads: int, sequence_length: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+            two = original(num_heads, 2, *args, **kwargs)  # (H, 1, 2) = slope_h * [-1, 0]: HF's slopes
+            slopes = (two[:, 0, 1] - two[:, 0, 0]).to(torch.float32)
+            # exactly one bias column per key slot: the layer's slice by key length then keeps all of them
+            return slopes[:, None, None] * key_positions[0].to(device=slopes.device, dtype=torch.float32)[None, None, :]
 
-    inner.build_alibi_tensor = build
+    setattr(inner, name, build)
     try:
         yield
     finally:
         if previous is None:
-            del inner.build_alibi_tensor
+            delattr(inner, name)
         else:
-            inner.build_alibi_tensor = previous
+            setattr(inner, name, previous)
 
 
 @contextlib.contextmanager
@@ -273,3 +302,18 @@ def candidate_generator_override(model: PreTrainedModel, generator: CandidateGen
             del model._get_candidate_generator
         else:
             model._get_candidate_generator = previous
+
+
+POSITION_LIMIT_NAMES = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length")
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence a model's (text) config allows, or None: architectures name it
+    differently (GPT-2 ``n_positions``, MPT ``max_seq_len``, ...)."""
+    cfg = unwrap_compiled(model).config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in POSITION_LIMIT_NAMES:
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None

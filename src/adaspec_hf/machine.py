@@ -19,4 +19,13 @@ def load_average() -> float | None:
 
 
 def is_busy(load: float | None) -> bool:
+    """Whether a load average says other processes share the CPUs (timings taken now are disturbed)."""
     return load is not None and load > BUSY_LOAD_PER_CPU * (os.cpu_count() or 1)
+
+
+def load_averages() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (rounded), or None: recorded with serving benchmark runs."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None

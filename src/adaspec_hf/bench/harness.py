@@ -1,52 +1,32 @@
 """Benchmark harness: compare decoding methods side by side on one pair, one machine, one run.
 
-Methods are registered by name (``vanilla``, ``hf-assisted``, ``hf-assisted-heuristic``,
-``hf-assisted-kK``, ``static-K``, ``adaptive``, ``heuristic``, ``confidence``, ``smartspec``,
-``adaptive-tree`` ...). Every method's greedy output is checked against vanilla's and a mismatch
-fails loudly. Results: JSON + a markdown table (+ PNG plots) under ``benchmarks/results/``.
+Methods come from :mod:`adaspec_hf.bench.methods`. Every method's greedy output is checked against
+vanilla's and a mismatch fails loudly (:class:`BenchmarkMismatch`): a speed-up of a method that
+changes the output is no speed-up. Results: JSON + a markdown table (+ PNG plots) under
+``benchmarks/results/``.
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import json
-import logging
 import platform
-import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
+import transformers
+from tqdm.auto import tqdm
 
-logger = logging.getLogger("adaspec_hf")
+from adaspec_hf.bench.methods import resolve_method
 
 RESULTS_DIR = Path("benchmarks") / "results"
+PLOT_DPI = 120
 
 
 class BenchmarkMismatch(AssertionError):
     """A speculative method's greedy output differs from the target's own."""
-
-
-@dataclass
-class RunOutput:
-    sequences: torch.Tensor
-    new_tokens: int
-    accepted_per_step: float | None = None
-    mean_draft_len: float | None = None
-    target_forwards: int | None = None
-
-
-MethodFn = Callable[..., RunOutput]
-
-
-@dataclass
-class Method:
-    name: str
-    fn: MethodFn
-    batch1_only: bool = False
 
 
 def _count_new(seq: torch.Tensor, prompt_len: int, eos) -> int:
@@ -65,62 +45,6 @@ def _gen_kwargs(do_sample: bool, temperature: float, max_new: int) -> dict:
     if do_sample:
         kw.update(temperature=temperature, top_k=0, top_p=1.0)
     return kw
-
-
-def _vanilla(target, draft, ids, mask, gen_kw) -> RunOutput:
-    seq = target.generate(input_ids=ids, attention_mask=mask, **gen_kw)
-    return RunOutput(seq, 0, None, None, seq.shape[1] - ids.shape[1])
-
-
-def _hf_assisted(schedule: str | None, k: int | None):
-    def run(target, draft, ids, mask, gen_kw) -> RunOutput:
-        saved = copy.deepcopy(draft.generation_config)
-        try:
-            kw = dict(gen_kw)
-            if k is not None:  # isolate overhead: constant k, confidence threshold off
-                kw.update(num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
-                          assistant_confidence_threshold=0.0)
-                draft.generation_config.num_assistant_tokens = k
-                draft.generation_config.num_assistant_tokens_schedule = "constant"
-                draft.generation_config.assistant_confidence_threshold = 0.0
-            elif schedule is not None:
-                kw.update(num_assistant_tokens_schedule=schedule)
-                draft.generation_config.num_assistant_tokens_schedule = schedule
-            seq = _original_generate(target)(input_ids=ids, attention_mask=mask, assistant_model=draft, **kw)
-        finally:
-            draft.generation_config = saved
-        return RunOutput(seq, 0)
-    return run
-
-
-def _ours(policy: str):
-    def run(target, draft, ids, mask, gen_kw) -> RunOutput:
-        from adaspec_hf.integrations.hf.generate import adaptive_generate
-
-        seq = adaptive_generate(target, input_ids=ids, attention_mask=mask, assistant_model=draft,
-                                draft_policy=policy, **gen_kw)
-        st = target.adaspec_stats
-        return RunOutput(seq, 0, st.accepted_per_step, st.mean_draft_len, st.target_forwards)
-    return run
-
-
-def _original_generate(model):
-    return getattr(model, "_adaspec_original_generate", None) or model.generate
-
-
-def resolve_method(name: str) -> Method:
-    if name == "vanilla":
-        return Method(name, _vanilla)
-    if name == "hf-assisted":
-        return Method(name, _hf_assisted(None, None), batch1_only=True)
-    if name == "hf-assisted-heuristic":
-        return Method(name, _hf_assisted("heuristic", None), batch1_only=True)
-    if m := re.fullmatch(r"hf-assisted-k(\d+)", name):
-        return Method(name, _hf_assisted("constant", int(m.group(1))), batch1_only=True)
-    from adaspec_hf.policies.registry import make_policy
-
-    make_policy(name) if not name.startswith(("adaptive", "smartspec")) else None  # validate early
-    return Method(name, _ours(name))
 
 
 @dataclass
@@ -164,12 +88,7 @@ class BenchResult:
 
 def machine_info() -> dict:
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except Exception:  # pragma: no cover
-        pass
+    info["transformers"] = transformers.__version__
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
     else:
@@ -217,8 +136,6 @@ def run_benchmark(
     progress: bool = True,
 ) -> BenchResult:
     """Time every method on the same batches; median over ``repeats`` of the whole batch set."""
-    from tqdm.auto import tqdm
-
     prompts = [list(p) for p in prompts]
     gen_kw = _gen_kwargs(do_sample, temperature, max_new_tokens)
     gen_kw.update(pad_token_id=pad_token_id, eos_token_id=eos_token_id)
@@ -312,75 +229,6 @@ def write_results(result: BenchResult, out_dir: Path | str = RESULTS_DIR, plot: 
         ax.legend(fontsize=7)
         fig.tight_layout()
         paths["png"] = out_dir / f"{result.name}.png"
-        fig.savefig(paths["png"], dpi=120)
+        fig.savefig(paths["png"], dpi=PLOT_DPI)
         plt.close(fig)
     return paths
-
-
-# ------------------------------------------------------------------------------------ CLI
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="compare decoding methods side by side (tokens/s, speed-up)")
-    p.add_argument("--target", help="HF id/path of the target (default: the built-in pair)")
-    p.add_argument("--draft", help="HF id/path of the draft (default: the built-in pair)")
-    p.add_argument("--methods", default="vanilla,hf-assisted,hf-assisted-heuristic,static-4,adaptive",
-                   help="comma-separated method names")
-    p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--n-prompts", type=int, default=8)
-    p.add_argument("--sample", action="store_true", help="sampling instead of greedy")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--name", default="bench")
-    p.add_argument("--out", default=str(RESULTS_DIR))
-    p.add_argument("--allow-weak-pair", action="store_true",
-                   help="run on a built-in pair that missed its quality gates (its figures mean little)")
-    p.set_defaults(func=_cli)
-    from adaspec_hf.bench.serving import register_serve_cli  # `adaspec-hf bench serve ...`
-
-    register_serve_cli(p.add_subparsers(dest="bench_command", title="sub-benchmarks"))
-
-
-def load_prompt_ids(tokenizer, n: int, pair_dir=None) -> list[list[int]]:
-    """Held-out prompts of the built-in pair (a `datasets` Dataset), tokenized."""
-    from adaspec_hf.pair.build import load_prompts
-
-    ds = load_prompts(pair_dir, n=n)
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ds["prompt"]]
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from adaspec_hf.pair.build import load_models
-
-    dtype = getattr(torch, args.dtype)
-    target, draft, tok = load_models(args.target, args.draft, dtype=dtype, device=args.device,
-                                     allow_weak_pair=args.allow_weak_pair)
-    prompts = load_prompt_ids(tok, args.n_prompts) if args.target is None else _default_text_prompts(tok, args.n_prompts)
-    res = run_benchmark(
-        args.name, target, draft, prompts, [m.strip() for m in args.methods.split(",") if m.strip()],
-        batch_sizes=[int(b) for b in args.batch_sizes.split(",")], max_new_tokens=args.max_new_tokens,
-        do_sample=args.sample, temperature=args.temperature, repeats=args.repeats,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    print(res.table())
-    for kind, path in write_results(res, args.out).items():
-        print(f"{kind}: {path}")
-    return 0
-
-
-def _default_text_prompts(tok, n: int) -> list[list[int]]:
-    """Prompts for arbitrary HF pairs: the built-in held-out prompt texts if present, else fixed text."""
-    try:
-        from adaspec_hf.pair.build import load_prompts
-
-        texts = load_prompts(None, n=n)["prompt"]
-    except Exception:
-        texts = [
-            "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-            "The history of the Roman Empire begins",
-            "import os\nimport sys\n\n\ndef main():\n",
-            "Speculative decoding speeds up inference because",
-        ] * ((n + 3) // 4)
-    return [tok(t, add_special_tokens=False)["input_ids"] for t in list(texts)[:n]]

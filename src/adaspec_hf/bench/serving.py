@@ -19,7 +19,6 @@ counted as missed. Default: 5 systems x 3 rates x (20 + <=10) s, about 8-9 minut
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -31,12 +30,15 @@ from typing import Any, Sequence
 
 import torch
 
-from adaspec_hf.metrics import compute_serving_metrics
+from adaspec_hf.bench.harness import RESULTS_DIR, machine_info
 from adaspec_hf.bench.workload import SLOClass, Workload, make_workload
+from adaspec_hf.machine import load_averages
+from adaspec_hf.metrics import compute_serving_metrics
+from adaspec_hf.policies.build import fresh_state
+from adaspec_hf.policies.registry import make_policy
 
 logger = logging.getLogger("adaspec_hf")
 
-RESULTS_DIR = Path("benchmarks") / "results"
 DEFAULT_SYSTEMS = ("static-0", "static-4", "smartspec", "adaptive", "slo")
 
 
@@ -96,23 +98,9 @@ def slo_classes(cal: Calibration, *, tight: float = 1.2, loose: float = 3.0, tig
 # -------------------------------------------------------------------------------------- systems
 def make_system_policy(name: str, target, draft):
     """A fresh policy per system: its own latency corrections and acceptance calibration (the
-    profiled latency grid is shared, measured once per pair)."""
-    from adaspec_hf.efficiency.acceptance import AcceptanceModel
-    from adaspec_hf.efficiency.latency import LatencyModel
-    from adaspec_hf.policies.planner import AdaptivePlanner, SmartSpec, planner_state
-    from adaspec_hf.policies.registry import make_policy
-    from adaspec_hf.serving.engine import SLOPlanner
-
-    key = name.strip().lower()
-    planners = {"smartspec": lambda lat, acc: SmartSpec(lat, acc),
-                "adaptive": lambda lat, acc: AdaptivePlanner(lat, acc),
-                "adaptive-tree": lambda lat, acc: AdaptivePlanner(lat, acc, tree=True),
-                "slo": lambda lat, acc: SLOPlanner(lat, acc),
-                "slo-tree": lambda lat, acc: SLOPlanner(lat, acc, tree=True)}
-    if key in planners:
-        base, _ = planner_state(target, draft)
-        return planners[key](LatencyModel(base.profile), AcceptanceModel())
-    return make_policy(key, target, draft)
+    profiled latency grid is shared, measured once per pair), so compared systems do not learn
+    from each other."""
+    return make_policy(name, target, draft, fresh=True)
 
 
 def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max_rows: int = 8,
@@ -121,12 +109,9 @@ def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max
     from adaspec_hf.serving.engine import Engine
 
     policy = policy if policy is not None else make_system_policy(system, target, draft)
-    latency = getattr(policy, "latency", None)
+    latency = policy.latency
     if latency is None:  # every system gets the same latency-model-based admission
-        from adaspec_hf.efficiency.latency import LatencyModel
-        from adaspec_hf.policies.planner import planner_state
-
-        latency = LatencyModel(planner_state(target, draft)[0].profile)
+        latency = fresh_state(target, draft).latency
     engine = Engine(target, draft, tokenizer, policy, max_rows=max_rows, seed=seed, latency=latency)
     try:
         warm = [engine.submit(r.prompt_ids, max_new_tokens=min(16, r.max_new_tokens))
@@ -175,7 +160,7 @@ def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max
         by_class[c] = sum(sel) / len(sel)
     rows = sum(s.rows for s in steps)
     out = {
-        "system": system, "policy": getattr(policy, "name", system), "rate": workload.rate, **metrics,
+        "system": system, "policy": policy.name, "rate": workload.rate, **metrics,
         "attainment_by_class": by_class,
         "finished": sum(rec["finish_reason"] in ("eos", "length", "stop") for rec in records),
         "duration_s": duration, "steps": len(steps),
@@ -253,15 +238,6 @@ def write_serving_results(result: ServingBenchResult, out_dir: Path | str = RESU
     return paths
 
 
-def _load_avg() -> list[float] | None:
-    try:
-        import os
-
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
-
-
 def run_serving_benchmark(
     target, draft, tokenizer, prompts: Any, *,
     systems: Sequence[str] = DEFAULT_SYSTEMS,
@@ -286,8 +262,6 @@ def run_serving_benchmark(
     extra_config: dict | None = None,
 ) -> ServingBenchResult:
     """Calibrate, build one seeded workload per rate, replay it for every system; see the module doc."""
-    from adaspec_hf.bench.harness import machine_info
-
     # one workload template to calibrate on (same prompts / lengths as the real ones)
     probe = make_workload(prompts, 1.0, n_requests=64, output_len=output_len, tokenizer=tokenizer,
                           max_prompt_tokens=max_prompt_tokens, seed=seed)
@@ -302,7 +276,7 @@ def run_serving_benchmark(
         "systems": list(systems), "rates": rates, "duration_s": duration, "arrival": arrival,
         "cv": cv if arrival == "gamma" else None, "output_len": output_len, "max_rows": max_rows, "seed": seed,
         "calibration": {k: round(v, 5) for k, v in asdict(cal).items()},
-        "slo_classes": [asdict(c) for c in classes], "machine": machine_info(), "load_before": _load_avg(),
+        "slo_classes": [asdict(c) for c in classes], "machine": machine_info(), "load_before": load_averages(),
         "target_params": sum(p.numel() for p in target.parameters()),
         "draft_params": sum(p.numel() for p in draft.parameters()), **(extra_config or {}),
     }
@@ -320,7 +294,7 @@ def run_serving_benchmark(
             out = run_system(system, target, draft, tokenizer, wl, max_rows=max_rows, warmup=warmup,
                              drain_timeout=drain_timeout, seed=seed)
             m = out["metrics"]
-            m["load"] = _load_avg()
+            m["load"] = load_averages()
             result.rows.append(m)
             result.requests[f"{system}@{rate}"] = out["requests"]
             done += 1
@@ -328,100 +302,5 @@ def run_serving_benchmark(
                 print(f"[{done}/{total}] rate {rate:.2f} {system:>10}: attainment {m['slo_attainment']:.2f} "
                       f"goodput {m['goodput']:.1f} tok/s throughput {m['throughput']:.1f} tok/s "
                       f"accepted/step {m['accepted_per_step']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    result.config["load_after"] = _load_avg()
+    result.config["load_after"] = load_averages()
     return result
-
-
-# ------------------------------------------------------------------------------------------- CLI
-def _parse_output_len(s: str):
-    if s == "data":
-        return "data"
-    if "-" in s:
-        lo, hi = s.split("-", 1)
-        return (int(lo), int(hi))
-    return int(s)
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", help="HF id/path of the target (default: the built-in pair)")
-    p.add_argument("--draft", help="HF id/path of the draft (default: the built-in pair)")
-    p.add_argument("--pair-dir", help="a built pair's directory (default: the built-in full pair)")
-    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help="comma-separated systems")
-    p.add_argument("--rates", default="auto", help="comma-separated requests/s, or 'auto' (multiples of the "
-                   "rate a vanilla one-request-at-a-time server sustains)")
-    p.add_argument("--rate-multipliers", default="1,2,3", help="for --rates auto")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per rate and system")
-    p.add_argument("--max-requests", type=int, default=None, help="cap on requests per rate")
-    p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
-    p.add_argument("--cv", type=float, default=2.0, help="gap coefficient of variation for gamma arrivals")
-    p.add_argument("--output-len", default="data", help="'data' (reference length, clipped 16-64), 'LO-HI' or N")
-    p.add_argument("--tight", type=float, default=1.2, help="tight TPOT SLO, x vanilla per-token latency")
-    p.add_argument("--loose", type=float, default=3.0, help="loose TPOT SLO, x vanilla per-token latency")
-    p.add_argument("--tight-fraction", type=float, default=0.5)
-    p.add_argument("--ttft-scale", type=float, default=10.0, help="TTFT SLO, x vanilla single-request TTFT")
-    p.add_argument("--max-rows", type=int, default=8)
-    p.add_argument("--n-prompts", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--drain-timeout", type=float, default=10.0,
-                   help="seconds after the last arrival before unfinished requests are cancelled (missed)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="serving")
-    p.add_argument("--out", default=str(RESULTS_DIR))
-
-
-def register_serve_cli(subparsers) -> None:
-    """``adaspec-hf bench serve ...`` (hooked from :func:`adaspec_hf.bench.harness.register_cli`)."""
-    p = subparsers.add_parser("serve", help="SLO serving benchmark (attainment and goodput vs request rate)")
-    add_serve_arguments(p)
-    p.set_defaults(func=serve_cli)
-
-
-def serve_cli(args: argparse.Namespace) -> int:
-    import sys
-
-    from adaspec_hf.pair.build import load_models, load_pair, load_prompts
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    if args.pair_dir:
-        target, draft, tok = load_pair(args.pair_dir, build=False, dtype=dtype, device=args.device)
-        prompts = load_prompts(args.pair_dir, n=args.n_prompts)
-    else:
-        target, draft, tok = load_models(args.target, args.draft, dtype=dtype, device=args.device)
-        if args.target is None:
-            prompts = load_prompts(None, n=args.n_prompts)
-        else:
-            from adaspec_hf.bench.harness import _default_text_prompts
-
-            prompts = [tok.decode(p) for p in _default_text_prompts(tok, args.n_prompts or 8)]
-    for m in (target, draft):
-        if getattr(m.config, "use_cache", True) is False:  # a training-time setting saved with the weights
-            m.config.use_cache = True
-    rates = "auto" if args.rates == "auto" else [float(x) for x in args.rates.split(",")]
-    res = run_serving_benchmark(
-        target, draft, tok, prompts, systems=[s.strip() for s in args.systems.split(",") if s.strip()],
-        rates=rates, rate_multipliers=[float(x) for x in args.rate_multipliers.split(",")],
-        duration=args.duration, max_requests=args.max_requests, arrival=args.arrival, cv=args.cv,
-        output_len=_parse_output_len(args.output_len), tight=args.tight, loose=args.loose,
-        tight_fraction=args.tight_fraction, ttft_scale=args.ttft_scale, max_rows=args.max_rows,
-        warmup=args.warmup, drain_timeout=args.drain_timeout, seed=args.seed, name=args.name,
-        extra_config={"command": " ".join(["adaspec-hf bench serve"] + sys.argv[3:]) if sys.argv[1:2] == ["bench"]
-                      else " ".join(sys.argv), "threads": torch.get_num_threads(),
-                      "pair_dir": args.pair_dir, "target": args.target, "draft": args.draft},
-    )
-    print(res.table())
-    for kind, path in write_serving_results(res, args.out).items():
-        print(f"{kind}: {path}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks/serving.py", description=__doc__.splitlines()[0])
-    add_serve_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return serve_cli(args)

@@ -12,19 +12,24 @@ import sys
 
 import torch
 
+from adaspec_hf import enable
+from adaspec_hf.bench.harness import RESULTS_DIR, run_benchmark, write_results
+from adaspec_hf.bench.prompts import default_text_prompts, load_prompt_ids
 from adaspec_hf.machine import is_busy, load_average
-from adaspec_hf.pair.gates import WeakPairError
-from adaspec_hf.bench.harness import RESULTS_DIR, _default_text_prompts, load_prompt_ids, run_benchmark, write_results
+from adaspec_hf.pair import WeakPairError, load_models
+
+SAMPLE_TEMPERATURE = 0.7  # --sample: a usual chat temperature, far enough from greedy to exercise sampling
 
 
-def register_cli(subparsers) -> None:
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """``adaspec-hf demo``."""
     p = subparsers.add_parser("demo", help="side-by-side run: plain vs HF assisted vs adaptive (main job)")
     p.add_argument("--target", help="HF id/path of the target (default: the built-in pair)")
     p.add_argument("--draft", help="HF id/path of the draft (default: the built-in pair)")
     p.add_argument("--n-prompts", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy")
+    p.add_argument("--sample", action="store_true", help=f"sample (temperature {SAMPLE_TEMPERATURE:g}) instead of greedy")
     p.add_argument("--policy", default="adaptive", help="draft_policy for adaptive=True")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -35,9 +40,6 @@ def register_cli(subparsers) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from adaspec_hf import enable
-    from adaspec_hf.pair.build import load_models
-
     load = load_average()
     if is_busy(load):
         print(f"warning: the machine is busy (load average {load:.2f} on {os.cpu_count()} CPUs): timings below "
@@ -53,7 +55,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.target is None:
         prompts = load_prompt_ids(tok, args.n_prompts)
     else:
-        prompts = _default_text_prompts(tok, args.n_prompts)
+        prompts = default_text_prompts(tok, args.n_prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     methods = ["vanilla", "hf-assisted", args.policy]
     if args.batch_size > 1:
@@ -76,7 +78,7 @@ def run_demo(args: argparse.Namespace) -> int:
     # a sample of the text, generated with adaptive speculation
     ids = torch.tensor([prompts[0]], device=target.device)
     out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                          do_sample=args.sample, temperature=0.7 if args.sample else None,
+                          do_sample=args.sample, temperature=SAMPLE_TEMPERATURE if args.sample else None,
                           assistant_model=draft, adaptive=True, draft_policy=args.policy, pad_token_id=pad)
     print("\n--- sample (prompt | continuation) ---")
     print(tok.decode(ids[0]) + " | " + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))

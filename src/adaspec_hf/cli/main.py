@@ -1,26 +1,26 @@
 """`adaspec-hf` command line: each subcommand lives in the module that owns the feature.
 
-A feature module exposes ``register_cli(subparsers)``, which adds its subcommand(s) and sets
-``func`` on the parser to a callable taking the parsed ``argparse.Namespace``.
+Each module under :mod:`adaspec_hf.cli` exposes ``register_cli(subparsers)``, which adds its
+subcommand(s) and sets ``func`` on the parser to a callable taking the parsed ``argparse.Namespace``;
+the feature packages themselves know nothing of argparse.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-# Modules that contribute subcommands, in help order.
-_CLI_MODULES = ("adaspec_hf.cli.demo", "adaspec_hf.pair.build", "adaspec_hf.profiling.profiler",
-                "adaspec_hf.bench.harness", "adaspec_hf.integrations.hf.custom_generate")
+from adaspec_hf.cli import bench, demo, export, pair, profile
+
+# Subcommands in help order.
+_COMMANDS = (demo, pair, profile, bench, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaspec-hf", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in _CLI_MODULES:
-        module = importlib.import_module(name)
+    for module in _COMMANDS:
         module.register_cli(sub)
     return parser
 

@@ -4,134 +4,31 @@ Rejected draft nodes stay in the cache as *holes* (masked out), so a verify step
 cache; :meth:`KVState.compact` gathers the live slots when holes pile up. Every slot carries its
 token position, so masks (causal, tree, sliding window) are built from positions, never from
 slot indices. Masks are float and additive: a boolean 4-D mask is silently wrong under eager
-attention (see docs/design.md).
+attention (see docs/design.md). Which models qualify: :mod:`adaspec_hf.core.architecture`.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
 from adaspec_hf.compat import (
-    CACHE_ARG_NAMES, alibi_from_positions, cache_arg_name, cache_kwargs, cache_layers, execution_device,
-    forward_parameters, new_cache,
+    alibi_from_positions, alibi_per_row, cache_kwargs, cache_layers, execution_device, forward_parameters, new_cache,
+)
+from adaspec_hf.core.architecture import (  # noqa: F401  (check_cache_support/MaskSpec: importable from here too)
+    ALIBI_FROM_POSITIONS, MaskSpec, check_cache_support, mask_spec_for,
 )
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
-MASKABLE_LAYER_TYPES = ("full_attention", "sliding_attention")
-RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "conv", "recurrent", "ssm")
-"""Layer types that keep a running state instead of per-token keys/values: a rejected draft token
-cannot be masked out of such a state afterwards, so tree verification cannot be lossless."""
-RECURRENT_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "recurrent_gemma")
-ALIBI_FROM_POSITIONS = ("bloom",)
-"""ALiBi models whose bias we rebuild from explicit key positions (see hf_compat.alibi_from_positions)."""
-ALIBI_SLOT_RELATIVE = ("mpt",)
-"""ALiBi models whose bias is sliced by cache slot inside each attention layer: not supported."""
-_HF_ASSISTED = "use HF's assisted generation instead: generate(..., assistant_model=draft) without adaptive=True"
 
-
-@dataclass(frozen=True)
-class MaskSpec:
-    """How a model wants its 4-D mask: one mask, or one per layer type (hybrid models)."""
-
-    window: int | None  # sliding window for the single mask (Mistral-style), else None
-    per_layer_type: tuple[str, ...] | None = None  # layer types when the model takes a dict
-    layer_window: int | None = None  # window of "sliding_attention" layers in the dict case
-
-
-def mask_spec_for(model: PreTrainedModel) -> MaskSpec:
-    """Read the attention layout from the config; refuse layouts we cannot mask exactly."""
-    cfg = model.config
-    name = type(model).__name__
-    _check_architecture(model)
-    impl = getattr(cfg, "_attn_implementation", None) or "eager"
-    if impl not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"{type(model).__name__} uses attn_implementation={impl!r}; adaspec-hf needs a custom "
-            f"4-D float mask for tree verification, which only {SUPPORTED_ATTENTION} accept. Load the "
-            "model with attn_implementation='sdpa' (or 'eager')."
-        )
-    layer_types = getattr(cfg, "layer_types", None)
-    window = getattr(cfg, "sliding_window", None)
-    if layer_types:
-        kinds = set(layer_types)
-        recurrent = sorted(kinds & set(RECURRENT_LAYER_TYPES))
-        if recurrent:
-            raise ValueError(
-                f"{name} has {recurrent} layers (config.layer_types): they keep a running state instead of "
-                "per-token keys and values, so rejected draft tokens cannot be masked out of them and tree "
-                f"verification cannot be lossless; {_HF_ASSISTED}")
-        unknown = kinds - set(MASKABLE_LAYER_TYPES)
-        if unknown:
-            raise ValueError(
-                f"unsupported attention layer types {sorted(unknown)} in {name} (config.layer_types): "
-                f"adaspec-hf builds exact tree masks for {MASKABLE_LAYER_TYPES} layers only (e.g. Llama 4's "
-                f"chunked_attention layers need a per-chunk mask it does not build); {_HF_ASSISTED}")
-        if "sliding_attention" in kinds:
-            if not window:
-                raise ValueError("sliding_attention layers but no config.sliding_window")
-            return MaskSpec(window=None, per_layer_type=tuple(sorted(kinds)), layer_window=int(window))
-        return MaskSpec(window=None)
-    if window and getattr(cfg, "use_sliding_window", True):
-        return MaskSpec(window=int(window))
-    return MaskSpec(window=None)
-
-
-def _check_architecture(model: PreTrainedModel) -> None:
-    """Refuse, saying why, architectures whose state or windows a cache with holes cannot represent."""
-    cfg = model.config
-    if getattr(cfg, "model_type", None) in RECURRENT_MODEL_TYPES:
-        raise ValueError(
-            f"{type(model).__name__} ({cfg.model_type}) is a recurrent/state-space model: it keeps one running "
-            "state per row instead of per-token keys and values, so a rejected draft token cannot be dropped "
-            f"from it and tree verification cannot be lossless; {_HF_ASSISTED}")
-    _check_local_attention(model)
-
-
-def _check_local_attention(model: PreTrainedModel) -> None:
-    """GPT-Neo-style local layers window by *cache slot* inside the attention module, not via the mask.
-
-    With holes (rejected drafts) and tree nodes, slot distance exceeds position distance, so such a
-    window would hide keys HF's own decoding sees; a window at least as long as any sequence is a no-op.
-    """
-    cfg = model.config
-    kinds = set(getattr(cfg, "attention_layers", None) or ())
-    window = getattr(cfg, "window_size", None)
-    if "local" in kinds and window is not None and window < getattr(cfg, "max_position_embeddings", window + 1):
-        raise ValueError(
-            f"{type(model).__name__} has local attention layers (config.attention_layers, window_size={window}) "
-            "whose window is applied by cache slot index inside the attention module, not through the "
-            "attention mask; over a cache with holes (rejected drafts) it would hide tokens HF's own "
-            f"decoding attends to; {_HF_ASSISTED}")
-
-
-def check_cache_support(model: PreTrainedModel) -> None:
-    """A model we cannot drive through a DynamicCache gets a clear error up front, saying why."""
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError("adaspec-hf supports decoder-only causal LMs; got an encoder-decoder model")
-    # config.use_cache=False is only a default (training configs often carry it): the engine passes
-    # use_cache=True itself. What matters is that the forward can take and fill a cache.
-    name = type(model).__name__
-    _check_architecture(model)
-    params = forward_parameters(model)
-    if cache_arg_name(model) is None:
-        raise ValueError(f"{name}.forward takes no KV cache argument "
-                         f"({' / '.join(CACHE_ARG_NAMES)}): no KV cache support")
-    model_type = getattr(model.config, "model_type", None)
-    if "position_ids" not in params and model_type in ALIBI_SLOT_RELATIVE:
-        raise ValueError(
-            f"{name} ({model_type}) takes no position_ids: each attention layer slices its ALiBi position "
-            "bias by cache slot (key length), which over a cache with holes (rejected drafts) and draft "
-            "trees is not the tokens' distance, so verification cannot match HF's decoding (not "
-            f"supported); {_HF_ASSISTED}")
-    needed = ("attention_mask",) if model_type in ALIBI_FROM_POSITIONS else ("position_ids", "attention_mask")
-    for arg in needed:
-        if arg not in params:
-            raise ValueError(f"{name}.forward takes no `{arg}`: adaspec-hf verifies drafts at explicit "
-                             "positions under a 4-D mask, so it needs both; no KV cache support for "
-                             f"speculation here; {_HF_ASSISTED}")
-    mask_spec_for(model)
+def _slot_aligned(key_pos: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether every row's visible keys sit at their slot index plus a per-row constant (no holes
+    and no tree siblings among them): then one ALiBi bias by slot serves the whole batch, since
+    softmax ignores a constant added to all of a query's scores."""
+    seen = (mask == 0).any(dim=2)[:, 0]  # (B, K): keys some query of the row attends to
+    shift = key_pos - torch.arange(key_pos.shape[1], device=key_pos.device)[None, :]
+    big = torch.iinfo(shift.dtype).max
+    hi = shift.masked_fill(~seen, -big).amax(dim=1)
+    lo = shift.masked_fill(~seen, big).amin(dim=1)
+    return bool(((hi == lo) | ~seen.any(dim=1)).all())
 
 
 class KVState:
@@ -155,6 +52,7 @@ class KVState:
         self._takes_logits_to_keep = "logits_to_keep" in params
         self._takes_token_types = "token_type_ids" in params
         self._alibi = getattr(model.config, "model_type", None) in ALIBI_FROM_POSITIONS
+        self._alibi_shared = self._alibi and not alibi_per_row(model)  # MPT: one bias for the whole batch
 
     # ---------------------------------------------------------------- sizes
     @property
@@ -248,17 +146,54 @@ class KVState:
         extra = {}
         if self.token_type is not None:
             extra["token_type_ids"] = self.token_type[:, None].expand_as(input_ids)
-        if self._alibi:
-            with alibi_from_positions(self.model, torch.cat([self.pos, positions], dim=1)):
-                out = self.model(input_ids=input_ids, attention_mask=mask, **cache_kwargs(self.model, self.cache), **extra)
+        key_pos = torch.cat([self.pos, positions], dim=1)
+        if not self._alibi:
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                **cache_kwargs(self.model, self.cache), **extra).logits
+        elif self._alibi_shared and key_pos.shape[0] > 1 and not _slot_aligned(key_pos, mask):
+            logits = self._forward_by_row(input_ids, mask, key_pos, extra)
         else:
-            out = self.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                **cache_kwargs(self.model, self.cache), **extra,
-            )
+            bias_pos = key_pos
+            if self._alibi_shared and key_pos.shape[0] > 1:
+                bias_pos = torch.arange(key_pos.shape[1], device=key_pos.device)[None, :]
+            with alibi_from_positions(self.model, bias_pos):
+                logits = self.model(input_ids=input_ids, attention_mask=mask,
+                                    **cache_kwargs(self.model, self.cache), **extra).logits
         self.valid = torch.cat([self.valid, torch.zeros_like(positions, dtype=torch.bool)], dim=1)
-        self.pos = torch.cat([self.pos, positions], dim=1)
-        return out.logits.to(caller)
+        self.pos = key_pos
+        return logits.to(caller)
+
+    def _forward_by_row(self, input_ids: torch.Tensor, mask: torch.Tensor, key_pos: torch.Tensor,
+                        extra: dict) -> torch.Tensor:
+        """One forward per row, for a bias shared by the batch (MPT) when rows' holes differ: each
+        row gets the bias of its own key positions; the new slots are gathered back into the cache."""
+        layers = self._layers()
+        if not layers:
+            raise RuntimeError("a per-row ALiBi forward needs a prefilled cache")
+        saved = [(layer.keys, layer.values) for layer in layers]
+        new_keys: list[list[torch.Tensor]] = [[] for _ in layers]
+        new_values: list[list[torch.Tensor]] = [[] for _ in layers]
+        logits = []
+        s = self.length
+        try:
+            for b in range(input_ids.shape[0]):
+                for layer, (k, v) in zip(layers, saved):
+                    layer.keys, layer.values = k[b:b + 1], v[b:b + 1]
+                row_extra = {name: t[b:b + 1] for name, t in extra.items()}
+                with alibi_from_positions(self.model, key_pos[b:b + 1]):
+                    out = self.model(input_ids=input_ids[b:b + 1], attention_mask=mask[b:b + 1],
+                                     **cache_kwargs(self.model, self.cache), **row_extra)
+                logits.append(out.logits)
+                for i, layer in enumerate(layers):
+                    new_keys[i].append(layer.keys[:, :, s:])
+                    new_values[i].append(layer.values[:, :, s:])
+        finally:
+            for layer, (k, v) in zip(layers, saved):
+                layer.keys, layer.values = k, v
+        for i, layer in enumerate(layers):
+            layer.keys = torch.cat([layer.keys, torch.cat(new_keys[i], dim=0)], dim=2)
+            layer.values = torch.cat([layer.values, torch.cat(new_values[i], dim=0)], dim=2)
+        return torch.cat(logits, dim=0)
 
     # ------------------------------------------------------------ bookkeeping
     def checkpoint(self) -> tuple:

@@ -21,6 +21,9 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
+# (logits (M, V) float32, provider of (batch row, prefix) pairs) -> processed scores (M, V)
+ProcessFn = Callable[[torch.Tensor, Callable[[], list[tuple[int, torch.Tensor]]]], torch.Tensor]
+
 INPUT_FREE = (
     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper,
     TypicalLogitsWarper, EpsilonLogitsWarper, EtaLogitsWarper,
@@ -71,3 +74,8 @@ class Processing:
             sc[rows] = scores[idx]
             out[idx] = self.processors(ids.to(scores.device), sc)[rows]
         return out
+
+
+def identity_process(scores: torch.Tensor, prefixes: Callable[[], list]) -> torch.Tensor:
+    """The :data:`ProcessFn` of rows without logits processors."""
+    return scores

@@ -1,25 +1,160 @@
-"""Grow a draft tree per row with the draft model, one batched draft forward per tree level.
+"""Who drafts: the :class:`Proposer` seam of the step, and the draft-model proposer.
 
-Before a level-1 decision the draft first *catches up*: it is fed every committed token it has not
-seen (at least the pending one), so its cache always mirrors the committed text. Level ``d`` nodes
-are fed with a tree mask (each node sees the committed cache, its ancestors' slots and itself);
-nodes that are pruned or later rejected stay in the draft cache as holes.
+The step hands a proposer the batch and the policy's depth bound and gets back a draft tree per
+row; it never builds the drafter itself, so another source of drafts (e.g. prompt-lookup n-grams)
+plugs in without touching the step.
+
+The draft model (:class:`TreeDrafter`) grows the tree one batched draft forward per level. Before a
+level-1 decision the draft first *catches up*: it is fed every committed token it has not seen (at
+least the pending one), so its cache always mirrors the committed text. Level ``d`` nodes are fed
+with a tree mask (each node sees the committed cache, its ancestors' slots and itself); nodes that
+are pruned or later rejected stay in the draft cache as holes.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
+from adaspec_hf.core.context import LevelContext, StepContext
 from adaspec_hf.core.kv import KVState
-from adaspec_hf.policies.base import DraftPolicy, LevelContext, StepContext
+from adaspec_hf.core.processing import ProcessFn
+from adaspec_hf.core.rows import PrefixFn, RowBatch, RowSource
 from adaspec_hf.core.tree import DraftTree
 
-# (logits (M, V) float32, provider of (batch row, prefix) pairs) -> processed scores (M, V)
-ProcessFn = Callable[[torch.Tensor, Callable[[], list[torch.Tensor]]], torch.Tensor]
+if TYPE_CHECKING:  # the policy interface sits above core; the step only calls it
+    from adaspec_hf.policies.base import DraftPolicy
+
+
+class Proposer(Protocol):
+    """A source of draft trees for :class:`~adaspec_hf.core.step.SpecStep`."""
+
+    def propose(self, batch: RowBatch, src: RowSource, policy: DraftPolicy, ctx: StepContext,
+                max_depth: torch.Tensor, process: ProcessFn, prefix_of: PrefixFn) -> DraftTree:
+        """Trees for the rows of ``batch``, at most ``max_depth[b]`` deep (some row has a bound > 0),
+        grown under ``policy`` (its ``choose`` per level; the step applies ``select`` after).
+        ``process`` turns logits into the rows' processed scores; ``prefix_of`` gives node prefixes."""
+        ...
+
+    def accepted(self, batch: RowBatch, tree: DraftTree, accepted: torch.Tensor) -> None:
+        """After verification: ``accepted`` (B, N) marks the nodes of ``tree`` now committed."""
+        ...
+
+
+class DraftModelProposer:
+    """The draft model of ``batch`` (its draft cache) as a :class:`Proposer`.
+
+    ``sampling``: sample chain drafts from the draft's distribution (else the draft's top tokens);
+    ``generator``: for those samples."""
+
+    def __init__(self, sampling: bool = False, generator: torch.Generator | None = None):
+        self.sampling = sampling
+        self.generator = generator
+
+    def propose(self, batch, src, policy, ctx, max_depth, process, prefix_of):
+        rid, length = batch.rid, batch.length
+        # catch the draft up on every committed token it has not seen (the pending one at least)
+        count = length - batch.draft_seen
+        toks = src.committed(rid, batch.draft_seen, int(count.max()))
+        drafter = TreeDrafter(batch.dkv, self.sampling, self.generator)
+        root_logits = drafter.catch_up(toks, batch.draft_seen, count).to(rid.device)
+        batch.draft_seen = length.clone()
+        return drafter.grow(root_logits, policy, ctx, max_depth, process, prefix_of)
+
+    def accepted(self, batch, tree, accepted):
+        # fed nodes on the accepted path become committed draft-cache slots; the rest are holes
+        fed = accepted & (tree.draft_slot >= 0)
+        batch.dkv.commit(tree.draft_slot, fed)
+        batch.draft_seen = batch.draft_seen + fed.sum(1)
+
+
+@dataclass
+class _Frontier:
+    """The nodes whose children are the next level's candidates (at first, the root alone)."""
+
+    dist: torch.Tensor  # (B, F, V) processed draft distribution of each node's children
+    node: torch.Tensor  # (B, F) node index in the tree, -1 = root
+    path_prob: torch.Tensor  # (B, F) draft probability of the path root -> node
+    ok: torch.Tensor  # (B, F) a real node (else padding)
+    visible: torch.Tensor  # (B, F, S) speculative draft-cache slots each node sees
+    tokens: torch.Tensor  # (B, F, L) tokens root -> node
+
+
+@dataclass
+class _Candidates:
+    """Children of the frontier offered at one level, sorted by path probability per row."""
+
+    path_prob: torch.Tensor  # (B, C); 0 = no candidate
+    tokens: torch.Tensor  # (B, C)
+    prob: torch.Tensor  # (B, C) draft probability of the token itself
+    source: torch.Tensor  # (B, C) frontier index of each candidate's parent
+    sampled: bool  # drawn from the draft distribution (else its top tokens)
+
+
+@dataclass
+class _Levels:
+    """The tree's nodes level by level, as (B, width) columns concatenated at the end."""
+
+    batch: int
+    device: torch.device
+    n_total: int = 0
+    parts: dict[str, list] = field(
+        default_factory=lambda: {k: [] for k in ("tok", "par", "dep", "ok", "p", "smp", "slot", "q")})
+
+    def partial(self) -> DraftTree:
+        """The nodes so far (unpacked; may contain padding), for the policy's level decision."""
+        b, dev, parts = self.batch, self.device, self.parts
+        return DraftTree(
+            tokens=_cat(parts["tok"], b, dev), parents=_cat(parts["par"], b, dev, -1),
+            depth=_cat(parts["dep"], b, dev), valid=_cat(parts["ok"], b, dev, False),
+            draft_prob=_cat(parts["p"], b, dev, 0.0), sampled=_cat(parts["smp"], b, dev, False),
+        )
+
+    def add(self, level: int, cand: _Candidates, front: _Frontier, n_add: torch.Tensor,
+            width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the best ``n_add[b]`` candidates as level ``level``; return their node ids and their
+        draft-slot column (-1: not fed; filled in when the nodes are expanded)."""
+        b, dev, parts = self.batch, self.device, self.parts
+        ar = torch.arange(width, device=dev)
+        ok = ar[None, :] < n_add[:, None]
+        source = cand.source[:, :width]
+        parts["tok"].append(torch.where(ok, cand.tokens[:, :width], 0))
+        parts["par"].append(torch.where(ok, front.node.gather(1, source), -1))
+        parts["dep"].append(ok.long() * level)
+        parts["ok"].append(ok)
+        parts["p"].append(torch.where(ok, cand.prob[:, :width], 0.0))
+        parts["smp"].append(ok & cand.sampled)
+        if cand.sampled:
+            parts["q"].append(front.dist.gather(1, source[:, :, None].expand(-1, -1, front.dist.shape[-1])))
+        else:
+            parts["q"].append(None)
+        node_ids = self.n_total + ar[None, :].expand(b, width)
+        self.n_total += width
+        slot_col = torch.full((b, width), -1, dtype=torch.long, device=dev)
+        parts["slot"].append(slot_col)
+        return node_ids, slot_col
+
+    def tree(self, vocab: int) -> DraftTree:
+        b, dev, parts = self.batch, self.device, self.parts
+        if self.n_total == 0:
+            return DraftTree.empty(b, dev)
+        tree = DraftTree(
+            tokens=torch.cat(parts["tok"], 1), parents=torch.cat(parts["par"], 1),
+            depth=torch.cat(parts["dep"], 1), valid=torch.cat(parts["ok"], 1),
+            draft_prob=torch.cat(parts["p"], 1), sampled=torch.cat(parts["smp"], 1),
+            draft_slot=torch.cat(parts["slot"], 1),
+        )
+        if any(q is not None for q in parts["q"]):
+            tree.q = torch.cat(
+                [q if q is not None else torch.zeros(b, t.shape[1], vocab, device=dev)
+                 for q, t in zip(parts["q"], parts["tok"])], 1)
+        return tree.select(tree.valid)
 
 
 class TreeDrafter:
+    """Grows draft trees with the draft model whose cache is ``kv``."""
+
     def __init__(self, kv: KVState, sampling: bool, generator: torch.Generator | None = None):
         self.kv = kv
         self.sampling = sampling
@@ -59,114 +194,93 @@ class TreeDrafter:
         prefix_of: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]],
     ) -> DraftTree:
         """Grow trees from the root distribution; ``prefix_of(rows, path_tokens)`` gives the full
-        token prefixes of nodes for input-dependent logits processors."""
+        token prefixes of nodes for input-dependent logits processors.
+
+        Per level: the policy sees the frontier's children sorted by path probability and picks how
+        many to add and how many of those (the best) to expand; the expanded ones are fed to the
+        draft in one forward and become the next frontier."""
         b = root_logits.shape[0]
         dev = root_logits.device
         rows = torch.arange(b, device=dev)
-        root_pos = ctx.context_len - 1  # position of the pending token
-        # frontier: nodes whose children are the next level's candidates
-        f_dist = self._distribution(
+        root_dist = self._distribution(
             root_logits, process,
             lambda: prefix_of(rows, torch.zeros(b, 0, dtype=torch.long, device=dev)),
         )[:, None]  # (B, 1, V)
-        f_node = torch.full((b, 1), -1, dtype=torch.long, device=dev)
-        f_path = torch.ones(b, 1, device=dev)
-        f_ok = max_depth[:, None] > 0
-        f_vis = torch.zeros(b, 1, self.kv.length, dtype=torch.bool, device=dev)  # speculative slots seen
-        f_tokens_path = torch.zeros(b, 1, 0, dtype=torch.long, device=dev)  # tokens root->frontier node
-
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("tok", "par", "dep", "ok", "p", "smp", "slot", "q")}
-        n_total = 0
+        front = _Frontier(
+            dist=root_dist, node=torch.full((b, 1), -1, dtype=torch.long, device=dev),
+            path_prob=torch.ones(b, 1, device=dev), ok=max_depth[:, None] > 0,
+            visible=torch.zeros(b, 1, self.kv.length, dtype=torch.bool, device=dev),
+            tokens=torch.zeros(b, 1, 0, dtype=torch.long, device=dev),
+        )
+        levels = _Levels(b, dev)
         depth_limit = int(max_depth.max())
         for level in range(1, depth_limit + 1):
-            f = f_node.shape[1]
-            w = 1 if (self.sampling and policy.max_children == 1) else policy.max_children
-            w = min(w, f_dist.shape[-1])
-            if self.sampling and w == 1:
-                flat = f_dist.reshape(b * f, -1)
-                tok = torch.multinomial(flat, 1, generator=self.generator).reshape(b, f, 1)
-                cprob = f_dist.gather(2, tok)
-                sampled = True
-            else:
-                cprob, tok = f_dist.topk(w, dim=-1)
-                sampled = False
-            path = (f_path[:, :, None] * cprob) * f_ok[:, :, None]
-            c_path = path.reshape(b, f * w)
-            order = torch.argsort(c_path, dim=1, descending=True, stable=True)
-            c_path = c_path.gather(1, order)
-            c_tok = tok.reshape(b, f * w).gather(1, order)
-            c_prob = cprob.reshape(b, f * w).gather(1, order)
-            c_from = (order // w)  # frontier index of each candidate
-            partial = DraftTree(
-                tokens=_cat(parts["tok"], b, dev), parents=_cat(parts["par"], b, dev, -1),
-                depth=_cat(parts["dep"], b, dev), valid=_cat(parts["ok"], b, dev, False),
-                draft_prob=_cat(parts["p"], b, dev, 0.0), sampled=_cat(parts["smp"], b, dev, False),
-            )
-            lctx = LevelContext(level, c_path, c_prob, partial, ctx, max_depth, cand_parent=f_node.gather(1, c_from))
+            cand = self._candidates(front, policy)
+            lctx = LevelContext(level, cand.path_prob, cand.prob, levels.partial(), ctx, max_depth,
+                                cand_parent=front.node.gather(1, cand.source))
             n_add, n_exp = policy.choose(lctx)
-            avail = (c_path > 0).sum(1)
+            avail = (cand.path_prob > 0).sum(1)
             n_add = torch.minimum(n_add.clamp(min=0), avail) * (max_depth >= level)
             n_exp = torch.minimum(n_exp.clamp(min=0), n_add) * (max_depth > level)
             width = int(n_add.max())
             if width == 0:
                 break
-            ar = torch.arange(width, device=dev)
-            ok = ar[None, :] < n_add[:, None]
-            new_tok = c_tok[:, :width]
-            new_par = f_node.gather(1, c_from[:, :width])
-            parts["tok"].append(torch.where(ok, new_tok, 0))
-            parts["par"].append(torch.where(ok, new_par, -1))
-            parts["dep"].append(ok.long() * level)
-            parts["ok"].append(ok)
-            parts["p"].append(torch.where(ok, c_prob[:, :width], 0.0))
-            parts["smp"].append(ok & sampled)
-            if sampled:
-                parts["q"].append(f_dist.gather(1, c_from[:, :width, None].expand(-1, -1, f_dist.shape[-1])))
-            else:
-                parts["q"].append(None)
-            node_ids = n_total + ar[None, :].expand(b, width)
-            n_total += width
-            slot_col = torch.full((b, width), -1, dtype=torch.long, device=dev)
-            parts["slot"].append(slot_col)
+            node_ids, slot_col = levels.add(level, cand, front, n_add, width)
             e = int(n_exp.max())
             if e == 0 or level == depth_limit:
                 break
-            # feed the best n_exp nodes of this level (they are sorted by path probability)
-            eok = ar[None, :e] < n_exp[:, None]
-            e_tok = new_tok[:, :e]
-            e_from = c_from[:, :e]
-            vis_old = f_vis.gather(1, e_from[:, :, None].expand(-1, -1, f_vis.shape[2]))
-            positions = (root_pos + level)[:, None].expand(b, e)
-            new_vis = torch.eye(e, dtype=torch.bool, device=dev)[None].expand(b, e, e)
-            s0 = self.kv.length
-            vis_old = vis_old & eok[:, :, None]
-            logits = self.kv.forward(e_tok, positions, new_vis, old_visible=vis_old)
-            slots = s0 + torch.arange(e, device=dev)[None, :].expand(b, e)
-            slot_col[:, :e] = torch.where(eok, slots, -1)
-            # the new frontier
-            f_vis = torch.cat([vis_old, torch.zeros(b, e, e, dtype=torch.bool, device=dev)], dim=2)
-            f_vis[:, torch.arange(e), s0 + torch.arange(e)] = True
-            f_tokens_path = torch.cat(
-                [f_tokens_path.gather(1, e_from[:, :, None].expand(-1, -1, f_tokens_path.shape[2])),
-                 e_tok[:, :, None]], dim=2)
-            f_dist = self._level_distribution(logits, process, prefix_of, rows, f_tokens_path, eok)
-            f_node = node_ids[:, :e]
-            f_path = torch.where(eok, c_path[:, :e], 0.0)
-            f_ok = eok
-        if n_total == 0:
-            return DraftTree.empty(b, dev)
-        tree = DraftTree(
-            tokens=torch.cat(parts["tok"], 1), parents=torch.cat(parts["par"], 1),
-            depth=torch.cat(parts["dep"], 1), valid=torch.cat(parts["ok"], 1),
-            draft_prob=torch.cat(parts["p"], 1), sampled=torch.cat(parts["smp"], 1),
-            draft_slot=torch.cat(parts["slot"], 1),
+            # the node at depth `level` sits at the pending token's position + level
+            position = ctx.context_len - 1 + level
+            front = self._expand(front, cand, node_ids, slot_col, n_exp, e, position, process, prefix_of, rows)
+        return levels.tree(root_logits.shape[-1])
+
+    def _candidates(self, front: _Frontier, policy: DraftPolicy) -> _Candidates:
+        """Each frontier node's top ``policy.max_children`` children (one sampled child when
+        drafting by sampling a chain), sorted by path probability across the row."""
+        b, f = front.node.shape
+        w = min(policy.max_children, front.dist.shape[-1])
+        sampled = self.sampling and w == 1
+        if sampled:
+            flat = front.dist.reshape(b * f, -1)
+            tok = torch.multinomial(flat, 1, generator=self.generator).reshape(b, f, 1)
+            cprob = front.dist.gather(2, tok)
+        else:
+            cprob, tok = front.dist.topk(w, dim=-1)
+        path = (front.path_prob[:, :, None] * cprob) * front.ok[:, :, None]
+        c_path = path.reshape(b, f * w)
+        order = torch.argsort(c_path, dim=1, descending=True, stable=True)
+        return _Candidates(
+            path_prob=c_path.gather(1, order), tokens=tok.reshape(b, f * w).gather(1, order),
+            prob=cprob.reshape(b, f * w).gather(1, order), source=order // w, sampled=sampled,
         )
-        if any(q is not None for q in parts["q"]):
-            v = root_logits.shape[-1]
-            tree.q = torch.cat(
-                [q if q is not None else torch.zeros(b, t.shape[1], v, device=dev)
-                 for q, t in zip(parts["q"], parts["tok"])], 1)
-        return tree.select(tree.valid)
+
+    def _expand(self, front: _Frontier, cand: _Candidates, node_ids: torch.Tensor, slot_col: torch.Tensor,
+                n_exp: torch.Tensor, e: int, position: torch.Tensor, process: ProcessFn, prefix_of,
+                rows: torch.Tensor) -> _Frontier:
+        """Feed the best ``n_exp[b]`` new nodes (the first ones: they are sorted) to the draft in one
+        forward; record their cache slots in ``slot_col``; return them as the next frontier."""
+        b = front.node.shape[0]
+        dev = front.node.device
+        ar = torch.arange(e, device=dev)
+        eok = ar[None, :] < n_exp[:, None]
+        e_tok = cand.tokens[:, :e]
+        e_from = cand.source[:, :e]
+        vis_old = front.visible.gather(1, e_from[:, :, None].expand(-1, -1, front.visible.shape[2]))
+        vis_old = vis_old & eok[:, :, None]
+        new_vis = torch.eye(e, dtype=torch.bool, device=dev)[None].expand(b, e, e)
+        s0 = self.kv.length
+        logits = self.kv.forward(e_tok, position[:, None].expand(b, e), new_vis, old_visible=vis_old)
+        slot_col[:, :e] = torch.where(eok, s0 + ar[None, :].expand(b, e), -1)
+        visible = torch.cat([vis_old, torch.zeros(b, e, e, dtype=torch.bool, device=dev)], dim=2)
+        visible[:, ar, s0 + ar] = True
+        tokens = torch.cat(
+            [front.tokens.gather(1, e_from[:, :, None].expand(-1, -1, front.tokens.shape[2])), e_tok[:, :, None]],
+            dim=2)
+        return _Frontier(
+            dist=self._level_distribution(logits, process, prefix_of, rows, tokens, eok),
+            node=node_ids[:, :e], path_prob=torch.where(eok, cand.path_prob[:, :e], 0.0), ok=eok,
+            visible=visible, tokens=tokens,
+        )
 
     def _level_distribution(self, logits, process, prefix_of, rows, paths, ok) -> torch.Tensor:
         """Processed draft distributions of expanded nodes (B, E, V); padded nodes get uniform."""

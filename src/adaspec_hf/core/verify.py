@@ -51,6 +51,16 @@ class Verdict:
 _MASK32 = 0xFFFFFFFF
 _SALT_POS, _SALT_LOW = 0x9E3779B9, 0x85EBCA6B  # distinct odd constants separating the hash inputs
 NO_TOKEN = -1  # bonus token of a row whose distribution has no valid token
+NO_TOKEN_MESSAGE = ("no token to sample: the processed distribution gives every token probability 0 "
+                    "(e.g. no_repeat_ngram_size / bad_words_ids ban all of them and there is no EOS)")
+KEY_RANGE = 1 << 62  # per-row sampling keys are drawn in [0, KEY_RANGE) (non-negative int64)
+
+
+def draw_keys(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` sampling keys (CPU int64) from ``generator`` (default: torch's global RNG): a fixed
+    number of draws per call, whatever is drafted later."""
+    dev = generator.device if generator is not None else "cpu"
+    return torch.randint(0, KEY_RANGE, (n,), generator=generator, device=dev).cpu()
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

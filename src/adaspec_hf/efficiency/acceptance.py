@@ -140,6 +140,18 @@ class AcceptanceModel:
             lo, hi = lut[0, i0], lut[0, i0 + 1]
         return lo + w * (hi - lo)
 
+    def predict_np(self, draft_prob: np.ndarray, depth: int) -> np.ndarray:
+        """:meth:`predict` for a small numpy vector at one depth, in float32 like the torch path
+        (the chain planner calls it once per draft level: torch's per-op overhead would dominate)."""
+        lut = self._lut(torch.device("cpu"), torch.float32).numpy()
+        R = self._res
+        u = np.clip(np.asarray(draft_prob, dtype=np.float32), 0.0, 1.0) * np.float32(R)
+        i0 = np.minimum(np.floor(u).astype(np.int64), R - 1)
+        w = u - i0.astype(np.float32)
+        d = min(max(int(depth), 0), self.max_depth) if self.depth_adjust else 0
+        lo, hi = lut[d, i0], lut[d, i0 + 1]
+        return lo + w * (hi - lo)
+
     @torch.no_grad()
     def update(self, draft_prob: torch.Tensor, depth: torch.Tensor | int, accepted: torch.Tensor) -> None:
         """Learn from verified nodes.

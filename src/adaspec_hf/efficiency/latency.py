@@ -1,4 +1,4 @@
-"""Latency model: forward time of target and draft predicted from a measured :class:`Profile`.
+"""Latency model: forward time of target and draft predicted from a measured profile.
 
 Why interpolation and not a fitted curve: measured costs are not smooth or even monotone (on CPU a
 2-token verify was slower than an 8-token one; on GPU cost is flat until compute-bound), and the
@@ -18,14 +18,31 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from adaspec_hf.profiling.profiler import Profile
-
 _AXES = ("rows", "tokens", "context")
+
+
+class MeasuredLatency(Protocol):
+    """What the latency model reads from a profile: points ``[rows, tokens, context, seconds]`` per
+    model and the per-step overhead. :class:`adaspec_hf.profiling.store.Profile` is one; this module
+    stays free of profiling's I/O (and of an import cycle with it) by asking only for these fields."""
+
+    target: Sequence[Sequence[float]]
+    draft: Sequence[Sequence[float]]
+    overhead: float
+
+
+@dataclass
+class _Points:
+    """A bare :class:`MeasuredLatency` for :meth:`LatencyModel.from_points`."""
+
+    target: list[list[float]]
+    draft: list[list[float]]
+    overhead: float = 0.0
 
 
 def _features(r: np.ndarray, t: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -163,7 +180,7 @@ class LatencyTable:
 class LatencyModel:
     """Predicted seconds for target/draft forwards and whole steps, corrected online."""
 
-    def __init__(self, profile: "Profile | None" = None, *, ema: float = 0.1,
+    def __init__(self, profile: MeasuredLatency | None = None, *, ema: float = 0.1,
                  bounds: tuple[float, float] = (0.2, 5.0)) -> None:
         self.ema = float(ema)
         self.bounds = (float(bounds[0]), float(bounds[1]))
@@ -180,10 +197,7 @@ class LatencyModel:
     def from_points(cls, target: Sequence[Sequence[float]], draft: Sequence[Sequence[float]],
                     overhead: float = 0.0, **kwargs: Any) -> "LatencyModel":
         """Build from raw ``[rows, tokens, context, seconds]`` lists (tests, synthetic models)."""
-        from adaspec_hf.profiling.profiler import Profile
-
-        return cls(Profile(key={}, target=[list(p) for p in target], draft=[list(p) for p in draft],
-                           overhead=overhead), **kwargs)
+        return cls(_Points([list(p) for p in target], [list(p) for p in draft], overhead), **kwargs)
 
     # -- predictions ---------------------------------------------------------------------------
     def correction(self, which: str) -> float:
@@ -245,84 +259,3 @@ class LatencyModel:
     def reset_corrections(self) -> None:
         self._log_ratio = {"target": 0.0, "draft": 0.0}
         self._overhead_obs = None
-
-
-# ----------------------------------------------------------------------------------------------
-# Held-out accuracy
-# ----------------------------------------------------------------------------------------------
-def _split_axes(P: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Hold out every other interior value of each axis in turn (interpolation test)."""
-    splits = []
-    for axis in range(3):
-        vals = sorted(set(P[:, axis].tolist()))
-        held = vals[1:-1:2]
-        if not held:
-            continue
-        test = np.isin(P[:, axis], held)
-        splits.append((~test, test))
-    return splits
-
-
-def _split_points(P: np.ndarray, frac: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Hold out a random ``frac`` of the points that are not on the grid's boundary."""
-    interior = np.ones(len(P), dtype=bool)
-    for axis in range(3):
-        interior &= (P[:, axis] > P[:, axis].min()) & (P[:, axis] < P[:, axis].max())
-    cand = np.flatnonzero(interior)
-    if len(cand) == 0:
-        return []
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(cand, size=max(1, int(round(frac * len(cand)))), replace=False)
-    test = np.zeros(len(P), dtype=bool)
-    test[pick] = True
-    return [(~test, test)]
-
-
-def _split_extrapolate(P: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Hold out the largest rows value, then the largest tokens value (extrapolation test)."""
-    splits = []
-    for axis in (0, 1):
-        if len(set(P[:, axis].tolist())) >= 3:
-            test = P[:, axis] == P[:, axis].max()
-            splits.append((~test, test))
-    return splits
-
-
-def holdout_predictions(profile: "Profile", which: str = "target", mode: str = "axes", *, frac: float = 0.25,
-                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(measured, predicted) seconds of held-out points, each predicted by a table built without them.
-
-    ``mode``: "axes" (every other interior value of each axis, in turn), "points" (a random ``frac`` of
-    interior points) or "extrapolate" (the largest rows, then the largest tokens value).
-    """
-    P = np.asarray(profile.points(which), dtype=float).reshape(-1, 4)
-    if mode == "axes":
-        splits = _split_axes(P)
-    elif mode == "points":
-        splits = _split_points(P, frac, seed)
-    elif mode == "extrapolate":
-        splits = _split_extrapolate(P)
-    else:
-        raise ValueError(f"unknown mode {mode!r}")
-    meas, pred = [], []
-    for train, test in splits:
-        if train.sum() == 0 or test.sum() == 0:
-            continue
-        table = LatencyTable(P[train])
-        meas.append(P[test, 3])
-        pred.append(np.asarray([table.predict(*p[:3]) for p in P[test]]))
-    if not meas:
-        return np.zeros(0), np.zeros(0)
-    return np.concatenate(meas), np.concatenate(pred)
-
-
-def holdout_mape(profile: "Profile", which: str = "target", mode: str = "axes", **kwargs: Any) -> float:
-    """Mean absolute percentage error (a fraction: 0.1 = 10%) on held-out grid points; nan if none."""
-    meas, pred = holdout_predictions(profile, which, mode, **kwargs)
-    return float(np.mean(np.abs(pred - meas) / meas)) if len(meas) else float("nan")
-
-
-def holdout_report(profile: "Profile") -> dict[str, dict[str, float]]:
-    """MAPE of both models for interpolation ("axes", "points") and "extrapolate" splits."""
-    return {w: {m: holdout_mape(profile, w, m) for m in ("axes", "points", "extrapolate")}
-            for w in ("target", "draft") if profile.points(w)}

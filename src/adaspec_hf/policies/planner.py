@@ -14,75 +14,100 @@ always an option, so under load speculation shrinks and switches off by itself: 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
-import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from adaspec_hf.config import AdaptiveConfig
 from adaspec_hf.efficiency.acceptance import AcceptanceModel
 from adaspec_hf.efficiency.latency import LatencyModel
+from adaspec_hf.efficiency.state import ModeState, ObservedCosts
 from adaspec_hf.policies.base import DraftPolicy, LevelContext, StepContext, StepOutcome
+from adaspec_hf.policies.chain import plan_chain_level, select_chain
 from adaspec_hf.policies.selection import best_prefix, goodput_budget
 from adaspec_hf.core.tree import DraftTree
 
 logger = logging.getLogger("adaspec_hf")
 
 CHOSEN_HISTORY = 4096  # per-step statistics kept by a planner (a long-running engine steps forever)
+ROW_PRIOR_NODES = 1.0  # pseudo-nodes at the prior rate a new row starts with (one step's evidence outweighs it)
+PROBE_LENGTHS = (1, 2, 4)  # chain lengths a probe cycles through: cheap, and spanning the likely optimum
+
+
+@dataclass
+class PlanStep:
+    """The planner's view of the step being planned, built once in :meth:`AdaptivePlanner.max_depth`
+    and read by the later calls of the same step (choose per level, select)."""
+
+    rows: int
+    context: float  # mean committed tokens per row
+    verify: np.ndarray  # predicted verify seconds for 1..len query tokens per row
+    alpha: np.ndarray  # (rows,) running acceptance rate per row
+    draft_levels: int = 0  # levels drafted beyond the first, decided so far
+    probe: int = 0  # chain length of a probe step (0: a planned step)
+    draft1: float = 0.0  # predicted seconds of one draft forward of one token per row (constant within a step)
+    # chains only (the numpy fast path): per row, nodes drafted so far, the calibrated path value of
+    # the last one and their sum, and the values per level (to select without rebuilding them)
+    chain_n: np.ndarray | None = None
+    chain_last: np.ndarray | None = None
+    chain_sum: np.ndarray | None = None
+    chain_values: list | None = None
+    level_v: np.ndarray | None = None  # this level's candidate values, until choose() commits them
 
 
 class AdaptivePlanner(DraftPolicy):
     """Goodput-maximising draft policy (chains by default; ``tree=True`` for token trees)."""
 
-    def __init__(
-        self,
-        latency: LatencyModel,
-        acceptance: AcceptanceModel | None = None,
-        *,
-        tree: bool = False,
-        max_depth: int = 12,
-        max_children: int = 4,
-        probe_every: int = 8,
-        row_prior: float = 0.6,
-        observed: "ObservedCosts | None" = None,
-        calibration_warmup: float = 200.0,
-    ):
+    needs_profile = True
+
+    def __init__(self, latency: LatencyModel, acceptance: AcceptanceModel | None = None, *, tree: bool = False,
+                 config: AdaptiveConfig | None = None, observed: ObservedCosts | None = None,
+                 mode: ModeState | None = None, **overrides):
+        """``config`` holds every tunable (see :class:`~adaspec_hf.config.AdaptiveConfig`); keyword
+        ``overrides`` replace its fields (``max_depth=6``). ``observed`` / ``mode``: the pair's
+        measured costs and acceptance state, shared across calls (see
+        :class:`~adaspec_hf.efficiency.state.PairState`); fresh ones when omitted."""
+        config = config if config is not None else AdaptiveConfig()
+        self.config = dataclasses.replace(config, **overrides) if overrides else config
         self.latency = latency
-        self.acceptance = acceptance if acceptance is not None else AcceptanceModel()
+        self.mode = mode if mode is not None else ModeState(acceptance if acceptance is not None else AcceptanceModel())
+        if acceptance is not None:
+            self.mode.acceptance = acceptance
+        self.acceptance = self.mode.acceptance
         self.tree = tree
-        self.cap = int(max_depth)
-        self.max_children = int(max_children) if tree else 1
+        self.cap = self.config.max_depth
+        self.max_children = self.config.max_children if tree else 1
         self.name = "adaptive-tree" if tree else "adaptive"
-        self.probe_every = probe_every
-        # measured verify costs live with the (shared, per-pair) latency model across calls
-        if observed is None:
-            observed = getattr(latency, "observed_costs", None)
-            if observed is None:
-                observed = latency.observed_costs = ObservedCosts()
-        self.observed = observed
-        self.row_prior = row_prior
-        self.calibration_warmup = calibration_warmup
+        self.probe_every = self.config.probe_every
+        self.observed = observed if observed is not None else ObservedCosts(
+            ema=self.config.cost_ema, confirm=self.config.cost_confirm)
+        self.row_prior = self.config.row_prior
+        self.calibration_warmup = self.config.calibration_warmup
         self.reset()
 
     @property
     def prior(self) -> float:
         """Prior acceptance rate of a new row: the pair's running rate, carried across calls."""
-        return getattr(self.acceptance, "running_rate", self.row_prior)
+        rate = self.mode.running_rate
+        return self.row_prior if rate is None else rate
 
     def reset(self) -> None:
         self.alpha: dict[int, float] = {}  # per-row EMA of the acceptance rate of drafted nodes
         self.first_value: dict[int, float] = {}  # per-row EMA of the best level-1 candidate's value
+        self._row_counts: dict[int, tuple[float, float]] = {}  # per-row decayed (accepted, tested) node counts
         self.idle_steps = 0
         self.probes = 0
-        self._probe = 0
-        self.last_predicted_time: float | None = None
-        self._step: dict = {}
+        self.predicted_time: float | None = None
+        self._step: PlanStep | None = None
         self.chosen: list[float] = []  # mean verified nodes per row, per step (statistics)
 
     def forget(self, row_id: int) -> None:
         self.alpha.pop(row_id, None)
         self.first_value.pop(row_id, None)
+        self._row_counts.pop(row_id, None)
 
     # ------------------------------------------------------------------ costs
     def _costs(self, rows: int, context: float, max_q: int) -> np.ndarray:
@@ -114,26 +139,23 @@ class AdaptivePlanner(DraftPolicy):
         lead = np.asarray([min(self.alpha.get(r, self.prior), self.first_value.get(r, 1.0)) for r in ids])
         width = self.cap * self.max_children
         verify = self._costs(rows, context, 1 + width)
-        self._step = {"rows": rows, "context": context, "verify": verify, "draft_levels": 0,
-                      "draft_tokens": 0.0, "alpha": alpha}
+        draft1 = self._draft_cost(rows, 1, context)
+        self._step = PlanStep(rows=rows, context=context, verify=verify, alpha=alpha, draft1=draft1,
+                              chain_n=np.zeros(rows, dtype=np.int64), chain_last=np.ones(rows, dtype=np.float32),
+                              chain_sum=np.zeros(rows, dtype=np.float32), chain_values=[])
         # Optimistic look-ahead with each row's running acceptance: would any chain length pay?
-        best_k, best_g = 0, rows / (self.latency.overhead + verify[0])
-        for k in range(1, self.cap + 1):
-            exp_tokens = float(np.sum((lead[:, None] * alpha[:, None] ** np.arange(0, k)[None, :]).sum(1))) + rows
-            t = (self.latency.overhead + k * self._draft_cost(rows, 1, context) + verify[k])
-            if exp_tokens / t > best_g:
-                best_k, best_g = k, exp_tokens / t
-        self._probe = 0
+        ks = np.arange(1, self.cap + 1)
+        gains = np.cumsum(lead[:, None] * alpha[:, None] ** np.arange(0, self.cap)[None, :], axis=1).sum(0)
+        goodput = (gains + rows) / (self.latency.overhead + ks * draft1 + verify[ks])
+        best_k = int(ks[np.argmax(goodput)]) if goodput.max() > rows / (self.latency.overhead + verify[0]) else 0
         if self.probe_every and self.idle_steps >= self.probe_every:
-            # nothing drafted for a while: try a short chain (cycling 1, 2, 4) to re-measure the
-            # acceptance and the real cost of wider verify steps, so bad estimates cannot stick
+            # nothing drafted for a while: try a short chain to re-measure the acceptance and the
+            # real cost of wider verify steps, so bad estimates cannot stick
             self.probes += 1
-            self._probe = min(2 ** ((self.probes - 1) % 3), self.cap)
+            self._step.probe = min(PROBE_LENGTHS[(self.probes - 1) % len(PROBE_LENGTHS)], self.cap)
             self.idle_steps = 0
-            self._step["best_k"] = self._probe
-            return torch.full((rows,), self._probe, dtype=torch.long, device=ctx.context_len.device)
-        self.last_predicted_time = self.latency.overhead + float(verify[0])
-        self._step["best_k"] = best_k
+            return torch.full((rows,), self._step.probe, dtype=torch.long, device=ctx.context_len.device)
+        self.predicted_time = self.latency.overhead + float(verify[0])
         if best_k == 0:
             return torch.zeros(rows, dtype=torch.long, device=ctx.context_len.device)
         return torch.full((rows,), self.cap, dtype=torch.long, device=ctx.context_len.device)
@@ -141,7 +163,8 @@ class AdaptivePlanner(DraftPolicy):
     def _calibrated_path(self, tree: DraftTree) -> torch.Tensor:
         if tree.width == 0:
             return torch.zeros(tree.batch, 0)
-        alpha = torch.as_tensor(self._step.get("alpha", [self.prior] * tree.batch), dtype=torch.float32)
+        alpha = torch.as_tensor(self._step.alpha if self._step is not None else [self.prior] * tree.batch,
+                                dtype=torch.float32)
         parents = torch.where(tree.valid, tree.parents, -2 - torch.arange(tree.width, device=tree.parents.device))
         acc = self._acceptance(tree.draft_prob.float(), tree.depth.clamp(min=1),
                                alpha.to(tree.draft_prob.device)[:, None].expand_as(tree.draft_prob), parents)
@@ -168,41 +191,84 @@ class AdaptivePlanner(DraftPolicy):
         blend = w * pred + (1 - w) * row_alpha.to(pred.dtype)
         return torch.where(top, torch.maximum(blend, pred), pred)
 
-    def choose(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._probe:
-            return DraftPolicy.choose(self, ctx)
+    @property
+    def _probing(self) -> bool:
+        return self._step is not None and self._step.probe > 0
+
+    def _spent(self) -> float:
+        """Predicted seconds of the step before verify: overhead, catch-up and the levels decided."""
         st = self._step
+        return self.latency.overhead + st.draft1 * (1 + st.draft_levels)
+
+    def _candidate_values(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) calibrated path value of this level's candidates (parent's calibrated path x
+        calibrated acceptance, non-increasing along each row as the drafter orders them), and
+        (B, N) the calibrated path values of the nodes drafted so far."""
         b, c = ctx.cand_path_prob.shape
         dev = ctx.cand_path_prob.device
         tree = ctx.tree
-        # calibrated path value of every candidate: parent's calibrated path x calibrated acceptance
         node_path = self._calibrated_path(tree).to(dev)
+        ones = torch.ones(b, c, device=dev)
         parent = ctx.cand_parent if ctx.cand_parent is not None else torch.full((b, c), -1, device=dev)
-        par_val = torch.where(parent >= 0, node_path.gather(1, parent.clamp(min=0)) if tree.width else
-                              torch.ones(b, c, device=dev), torch.ones(b, c, device=dev))
-        alpha_rows = torch.as_tensor(st["alpha"], dtype=torch.float32, device=dev)[:, None].expand(b, c)
+        par_val = torch.where(parent >= 0, node_path.gather(1, parent.clamp(min=0)) if tree.width else ones, ones)
+        alpha_rows = torch.as_tensor(self._step.alpha, dtype=torch.float32, device=dev)[:, None].expand(b, c)
         cand_parent = torch.where(ctx.cand_path_prob > 0, parent, -2 - torch.arange(c, device=dev))
         a = self._acceptance(ctx.cand_prob.float(), torch.full_like(parent, ctx.level), alpha_rows, cand_parent)
         v = (par_val * a).masked_fill(ctx.cand_path_prob <= 0, 0.0)
         v = torch.cummin(v, dim=1).values  # a row's candidates are taken in the drafter's order
+        return v * (ctx.max_depth >= ctx.level)[:, None], node_path
+
+    def choose(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._probing:
+            return DraftPolicy.choose(self, ctx)
+        n_add, n_exp = self._plan_level(ctx)
+        self._commit_level(n_add, n_exp)
+        return n_add, n_exp
+
+    def _chain_fast(self, ctx: LevelContext) -> bool:
+        """Chains take a numpy path: a handful of B-vectors per level, where torch's per-op
+        overhead (tens of ops per level, ~12 levels a step) would cost a sizeable share of a step."""
+        return not self.tree and ctx.cand_prob.shape[1] <= 1 and ctx.cand_prob.device.type == "cpu"
+
+    def _commit_level(self, n_add: torch.Tensor, n_exp: torch.Tensor) -> None:
+        st = self._step
+        if bool((n_exp > 0).any()):
+            st.draft_levels += 1
+        if st.level_v is not None:  # the chain path's bookkeeping of what was added
+            add = n_add.cpu().numpy() > 0
+            v = np.where(add, st.level_v, np.float32(0.0)).astype(np.float32)
+            st.chain_values.append(v)
+            st.chain_n = st.chain_n + add
+            st.chain_sum = st.chain_sum + v
+            st.chain_last = np.where(add, v, st.chain_last).astype(np.float32)
+            st.level_v = None
+
+    def _plan_level(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n_add, n_expand) per row maximising predicted goodput; no side effect on the plan."""
+        if self._chain_fast(ctx):
+            return self._plan_chain_level(ctx)
+        self._step.level_v = None
+        st = self._step
+        b, c = ctx.cand_path_prob.shape
+        dev = ctx.cand_path_prob.device
+        tree = ctx.tree
+        v, node_path = self._candidate_values(ctx)
         if ctx.level == 1 and c:
             ids = ctx.step.row_ids.tolist() if ctx.step.row_ids is not None else list(range(b))
+            w = self.config.row_ema
             for r, best_v in zip(ids, v[:, 0].tolist()):
-                self.first_value[r] = 0.7 * self.first_value.get(r, best_v) + 0.3 * best_v
-        allowed = (ctx.max_depth >= ctx.level)
-        v = v * allowed[:, None]
+                self.first_value[r] = (1 - w) * self.first_value.get(r, best_v) + w * best_v
         have_n = tree.valid.sum(1) if tree.width else torch.zeros(b, dtype=torch.long, device=dev)
         have_val = node_path.sum(1) if tree.width else torch.zeros(b, device=dev)
-        verify = st["verify"]
-        rows, context = st["rows"], st["context"]
-        # draft time spent so far this step (catch-up + fed levels), the same for every option
-        spent = self.latency.overhead + self._draft_cost(rows, 1, context) * (1 + st["draft_levels"])
+        verify = st.verify
+        rows, context = st.rows, st.context
+        spent = self._spent()  # draft time so far this step (catch-up + fed levels), the same for every option
 
         # every prefix of the globally sorted candidate list is an option; pick the best
         n_add, g_now, t_now = best_prefix(v, have_n.float(), b + float(have_val.sum()), verify, spent)
         best = int(n_add.sum())
         tokens_now = b + float(have_val.sum()) + float((v * (torch.arange(c, device=dev)[None, :] < n_add[:, None])).sum())
-        self.last_predicted_time = t_now
+        self.predicted_time = t_now
 
         # one more level? predicted children of the best nodes, at the running top-1 acceptance
         n_exp = torch.zeros_like(n_add)
@@ -210,7 +276,7 @@ class AdaptivePlanner(DraftPolicy):
             added_v = torch.where(torch.arange(c, device=dev)[None, :] < n_add[:, None], v, 0.0)
             e = min(self.max_children, c) if self.tree else 1
             top_v, _ = added_v.topk(min(e, c), dim=1)
-            alpha = torch.as_tensor(st["alpha"], dtype=torch.float32, device=dev)[:, None]
+            alpha = torch.as_tensor(st.alpha, dtype=torch.float32, device=dev)[:, None]
             child_v = (top_v * alpha).reshape(-1)
             cv, corder = child_v.sort(descending=True)
             rows_c = (corder // top_v.shape[1])
@@ -228,18 +294,26 @@ class AdaptivePlanner(DraftPolicy):
                 expand_rows = torch.zeros(b, dtype=torch.long, device=dev)
                 expand_rows.index_add_(0, rows_c[:best_j], torch.ones(best_j, dtype=torch.long, device=dev))
                 n_exp = torch.minimum(expand_rows, n_add)
-                st["draft_levels"] += 1
         return n_add, n_exp
+
+    def _plan_chain_level(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return plan_chain_level(self, ctx)
+
+    def _select_chain(self, tree: DraftTree) -> torch.Tensor | None:
+        return select_chain(self, tree)
 
     def select(self, tree: DraftTree, ctx: StepContext) -> torch.Tensor:
         """Final budget over everything drafted: per-row top-N connected subtrees, N by goodput."""
         st = self._step
-        if tree.width == 0 or not st or self._probe:
+        if tree.width == 0 or st is None or self._probing:
             return tree.valid  # a probe is verified as drafted, to measure it
+        if not self.tree:
+            keep = self._select_chain(tree)
+            if keep is not None:
+                return keep
         values = self._calibrated_path(tree).to(tree.tokens.device)
-        spent = self.latency.overhead + self._draft_cost(st["rows"], 1, st["context"]) * (1 + st["draft_levels"])
-        keep, _, t = goodput_budget(tree, values, torch.as_tensor(st["verify"]), spent)
-        self.last_predicted_time = t
+        keep, _, t = goodput_budget(tree, values, torch.as_tensor(st.verify), self._spent())
+        self.predicted_time = t
         return keep
 
     # ------------------------------------------------------------------- learning
@@ -259,123 +333,24 @@ class AdaptivePlanner(DraftPolicy):
             ids = outcome.row_ids.tolist() if outcome.row_ids is not None else list(range(tree.batch))
             n_tested = tested.sum(1).tolist()
             n_acc = (outcome.accepted & tree.valid).sum(1).tolist()
+            w = self.config.row_ema
             for r, n, a in zip(ids, n_tested, n_acc):
                 if n:
-                    self.alpha[r] = 0.7 * self.alpha.get(r, self.prior) + 0.3 * (a / n)
+                    # a ratio of decayed sums, not a decayed mean of ratios: a chain step's a / n
+                    # (j accepted of j + 1 tested) is biased low, and averaging per-step ratios
+                    # weights a 1-node step like a 9-node one
+                    acc, tried = self._row_counts.get(r, (self.prior * ROW_PRIOR_NODES, ROW_PRIOR_NODES))
+                    acc, tried = (1 - w) * acc + w * a, (1 - w) * tried + w * n
+                    self._row_counts[r] = (acc, tried)
+                    self.alpha[r] = acc / tried
             total = sum(n_tested)
             if total:
-                rate = sum(n_acc) / total
-                self.acceptance.running_rate = 0.9 * self.prior + 0.1 * rate
+                w = self.config.pair_rate_ema
+                self.mode.running_rate = (1 - w) * self.prior + w * sum(n_acc) / total
             self.chosen.append(float(tree.valid.sum(1).float().mean()))
         if len(self.chosen) > CHOSEN_HISTORY:
             del self.chosen[: len(self.chosen) - CHOSEN_HISTORY // 4]
-        if st:
+        if st is not None:
             q = 1 + (int(tree.valid.sum(1).max()) if tree.width else 0)
-            context = st["context"]
-            self.latency.observe("target", st["rows"], q, context, outcome.verify_time)
-            self.observed.add(st["rows"], q, outcome.verify_time)
-
-
-class SmartSpec(AdaptivePlanner):
-    """Batch-uniform draft length from goodput with one running acceptance rate (SmartSpec-like).
-
-    Unlike :class:`AdaptivePlanner` it ignores the draft's per-token confidence and per-row
-    differences: every row drafts the same ``k`` each step.
-    """
-
-    def __init__(self, latency: LatencyModel, acceptance: AcceptanceModel | None = None, max_depth: int = 8,
-                 observed: "ObservedCosts | None" = None):
-        super().__init__(latency, acceptance, tree=False, max_depth=max_depth, observed=observed)
-        self.name = "smartspec"
-
-    def max_depth(self, ctx: StepContext) -> torch.Tensor:
-        rows = ctx.rows
-        context = float(ctx.context_len.float().mean())
-        verify = self._costs(rows, context, 1 + self.cap)
-        rate = self.alpha.get(0, self.row_prior)
-        best_k, best_t = 0, self.latency.overhead + verify[0]
-        best_g = rows / best_t
-        for k in range(1, self.cap + 1):
-            t = self.latency.overhead + k * self._draft_cost(rows, 1, context) + verify[k]
-            g = rows * (1 + sum(rate ** i for i in range(1, k + 1))) / t
-            if g > best_g:
-                best_k, best_g, best_t = k, g, t
-        self._step = {"rows": rows, "context": context}
-        self.last_predicted_time = float(best_t)
-        self.chosen.append(float(best_k))
-        return torch.full((rows,), best_k, dtype=torch.long, device=ctx.context_len.device)
-
-    def choose(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
-        return DraftPolicy.choose(self, ctx)
-
-    def select(self, tree: DraftTree, ctx: StepContext) -> torch.Tensor:
-        return tree.valid  # uniform k: verify everything drafted
-
-    def forget(self, row_id: int) -> None:
-        pass  # its one rate is batch-wide (key 0), not a request's
-
-    def observe(self, outcome: StepOutcome) -> None:
-        tree = outcome.tree
-        if tree.width:  # one batch-wide rate, kept under a single key
-            tested = int((outcome.tested & tree.valid).sum())
-            if tested:
-                rate = int((outcome.accepted & tree.valid).sum()) / tested
-                self.alpha[0] = 0.8 * self.alpha.get(0, self.row_prior) + 0.2 * rate
-
-
-class ObservedCosts:
-    """EMA of measured verify times per (rows, query tokens per row), shared across calls."""
-
-    def __init__(self, ema: float = 0.3, min_count: int = 1, confirm: int = 3):
-        self.ema, self.min_count, self.confirm = ema, min_count, confirm
-        self.table: dict[tuple[int, int], tuple[float, int]] = {}
-
-    def add(self, rows: int, q: int, seconds: float) -> None:
-        if not (seconds > 0 and math.isfinite(seconds)):
-            return
-        prev, n = self.table.get((rows, q), (seconds, 0))
-        self.table[(rows, q)] = ((1 - self.ema) * prev + self.ema * seconds if n else seconds, n + 1)
-
-    def get(self, rows: int, q: int) -> tuple[float, int] | None:
-        """(EMA seconds, observations) once seen ``min_count`` times, else None."""
-        value, n = self.table.get((rows, q), (0.0, 0))
-        return (value, n) if n >= self.min_count else None
-
-
-# ---------------------------------------------------------------------------------------- factory
-_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def planner_state(target, draft, sampling: bool = False) -> tuple[LatencyModel, AcceptanceModel]:
-    """Latency model (profiled on this machine, cached on disk) and acceptance calibration for a pair,
-    kept while both model objects live so that calibration carries over between ``generate`` calls.
-    Keyed by the draft object itself (weakly), never by ``id(draft)``: a new draft allocated where a
-    dead one was must not inherit its profile. Greedy (argmax match) and sampling (min(1, p/q))
-    acceptance are different quantities: one calibration each, one latency model."""
-    per_target = _STATE.get(target)
-    if per_target is None:
-        per_target = _STATE[target] = weakref.WeakKeyDictionary()
-    state = per_target.get(draft)
-    if state is None:
-        from adaspec_hf.profiling.profiler import load_or_profile
-
-        profile = load_or_profile(target, draft, quick=True)
-        state = per_target[draft] = {"latency": LatencyModel(profile), "greedy": AcceptanceModel()}
-    if not sampling:
-        return state["latency"], state["greedy"]
-    if "sampling" not in state:
-        state["sampling"] = AcceptanceModel()
-    return state["latency"], state["sampling"]
-
-
-def make_planner(name: str, target, draft, sampling: bool = False) -> DraftPolicy:
-    if target is None or draft is None:
-        raise ValueError(f"draft_policy={name!r} needs both models (it profiles their latency)")
-    latency, acceptance = planner_state(target, draft, sampling)
-    if name == "adaptive":
-        return AdaptivePlanner(latency, acceptance)
-    if name == "adaptive-tree":
-        return AdaptivePlanner(latency, acceptance, tree=True)
-    if name == "smartspec":
-        return SmartSpec(latency, acceptance)
-    raise ValueError(f"unknown planner {name!r}")
+            self.latency.observe("target", st.rows, q, st.context, outcome.verify_time)
+            self.observed.add(st.rows, q, outcome.verify_time)

@@ -12,14 +12,12 @@ adaspec-hf's; ``requirements.txt`` makes transformers check that adaspec-hf is i
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from adaspec_hf import __version__
 from adaspec_hf.integrations.hf.generate import adaptive_generate
 
 FOLDER = "custom_generate"
@@ -31,7 +29,7 @@ GENERATE_PY = '''"""adaspec-hf: adaptive, lossless speculative decoding as a tra
                    trust_remote_code=True, max_new_tokens=64)        # optional: draft_policy="static-4"
 
 The draft must share the target's tokenizer. Every HF generation option is honoured with HF's
-meaning or refused with a clear error (see adaspec_hf.integrations.hf.generate.GENERATION_OPTIONS). Written by
+meaning or refused with a clear error (see adaspec_hf.integrations.hf.GENERATION_OPTIONS). Written by
 `adaspec-hf export-generate`; the engine is the installed adaspec-hf package (requirements.txt).
 """
 import adaspec_hf.integrations.hf.custom_generate
@@ -74,24 +72,3 @@ def export_generate(directory: str | Path, force: bool = False) -> Path:
             raise FileExistsError(f"{path} exists with other contents; pass force=True (--force) to replace it")
         path.write_text(text, encoding="utf-8")
     return folder
-
-
-def _cli(args: argparse.Namespace) -> int:
-    folder = export_generate(args.directory, force=args.force)
-    print(f"wrote {folder}/generate.py and requirements.txt (adaspec-hf {__version__}); use it with:\n"
-          f"  model.generate(**inputs, custom_generate={str(Path(args.directory))!r}, assistant_model=draft, "
-          "trust_remote_code=True)")
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """``adaspec-hf export-generate DIR``."""
-    p = subparsers.add_parser(
-        "export-generate", help="write adaspec's custom_generate/generate.py into a model folder",
-        description="Write custom_generate/generate.py (+ requirements.txt) into DIR, so that "
-                    "model.generate(..., custom_generate=DIR, assistant_model=draft, trust_remote_code=True) "
-                    "runs adaspec-hf's engine on a model that was never enable()d. DIR may be a saved model "
-                    "folder or a repo to push to the Hub.")
-    p.add_argument("directory", metavar="DIR", help="folder to write into (created if missing)")
-    p.add_argument("--force", action="store_true", help="replace existing files with other contents")
-    p.set_defaults(func=_cli)

@@ -1,0 +1,58 @@
+"""What a step tells its draft policy: the contexts before drafting and per draft level, and the
+outcome after verify. Plain dataclasses of tensors; the policy interface itself lives in
+:mod:`adaspec_hf.policies.base`, which re-exports these."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adaspec_hf.core.tree import DraftTree
+
+
+@dataclass
+class StepContext:
+    """What a policy knows before drafting."""
+
+    rows: int
+    context_len: torch.Tensor  # (B,) committed tokens per row
+    remaining: torch.Tensor  # (B,) tokens each row may still emit
+    sampling: bool
+    step: int
+    row_ids: torch.Tensor | None = None  # (B,) stable ids of the rows (requests), for per-row state
+    # Per-row latency objectives, set by the serving engine (None: no row has one). A policy that
+    # ignores them is still correct; SLO-aware policies (policies/slo.py) read them.
+    tpot: torch.Tensor | None = None  # (B,) seconds per token; inf = no TPOT objective
+    tokens_needed: torch.Tensor | None = None  # (B,) expected tokens this step must emit to stay on track
+    step_time: float = 0.0  # the engine's running estimate of a step's seconds
+    rate_needed: torch.Tensor | None = None  # (B,) tokens per step needed from now on to still meet the
+    #                                          TPOT objective at max_new_tokens (inf: can no longer)
+
+
+@dataclass
+class LevelContext:
+    """Candidates for tree level ``level`` (depth of the nodes about to be added)."""
+
+    level: int
+    cand_path_prob: torch.Tensor  # (B, C) path probability, sorted descending; 0 = no candidate
+    cand_prob: torch.Tensor  # (B, C) draft probability of the candidate token itself
+    tree: DraftTree  # nodes added so far (unpacked; may contain padding)
+    step: StepContext
+    max_depth: torch.Tensor  # (B,) the depth bound from max_depth()
+    cand_parent: torch.Tensor | None = None  # (B, C) node index (in ``tree``) of each candidate's parent, -1 = root
+
+
+@dataclass
+class StepOutcome:
+    """What happened in a step, for online adaptation."""
+
+    tree: DraftTree  # verified tree (packed)
+    n_accepted: torch.Tensor  # (B,)
+    tested: torch.Tensor  # (B, N)
+    accept_prob: torch.Tensor  # (B, N)
+    accepted: torch.Tensor  # (B, N)
+    step_time: float
+    draft_time: float
+    verify_time: float
+    context_len: torch.Tensor  # (B,)
+    row_ids: torch.Tensor | None = None

@@ -1,0 +1,113 @@
+"""The goodput planner's rules for chains, in float32 numpy.
+
+Why a second implementation: a chain offers one candidate per row per level, so each decision is a
+handful of B-vectors, and torch's per-op overhead (tens of ops per level, up to ~12 levels a step)
+cost a sizeable share of a CPU step. These functions compute exactly what the general (tree) path
+computes for chains, in the same float precision; a test checks that both choose the same nodes
+step for step.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from adaspec_hf.core.context import LevelContext
+from adaspec_hf.core.tree import DraftTree
+
+if TYPE_CHECKING:
+    from adaspec_hf.policies.planner import AdaptivePlanner
+
+
+def plan_chain_level(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`_plan_level` for chains in float32 numpy (same rule, same float precision)."""
+    st = self._step
+    b, c = ctx.cand_prob.shape
+    f32 = np.float32
+    if c == 0:
+        st.level_v = np.zeros(b, dtype=f32)
+        z = torch.zeros(b, dtype=torch.long)
+        return z, z.clone()
+    p = ctx.cand_prob[:, 0].float().numpy()
+    alive = ctx.cand_path_prob[:, 0].numpy() > 0
+    allowed = ctx.max_depth.cpu().numpy() >= ctx.level
+    pred = self.acceptance.predict_np(p, ctx.level)
+    n = float(self.acceptance.n.sum())
+    w = f32(n / (n + self.calibration_warmup))
+    alpha = st.alpha.astype(f32)
+    a = np.maximum(w * pred + (f32(1) - w) * alpha, pred)  # each chain node is its parent's top child
+    v = np.where(alive & allowed, st.chain_last * a, f32(0)).astype(f32)
+    st.level_v = v
+    if ctx.level == 1:
+        ids = ctx.step.row_ids.tolist() if ctx.step.row_ids is not None else list(range(b))
+        rw = self.config.row_ema
+        for r, best_v in zip(ids, v.tolist()):
+            self.first_value[r] = (1 - rw) * self.first_value.get(r, best_v) + rw * best_v
+    verify = st.verify.astype(f32)
+    top = len(verify) - 1
+    spent = f32(self._spent())
+    have_n = st.chain_n
+    base_tokens = f32(b) + f32(st.chain_sum.sum())
+    # options: prefixes of the candidates sorted by value across rows (one candidate per row)
+    order = np.argsort(-v, kind="stable")[: int((v > 0).sum())]
+    taken = np.zeros(b, dtype=np.int64)
+    best_j, best_g = 0, base_tokens / (spent + verify[min(int(have_n.max()), top)])
+    t_best = spent + verify[min(int(have_n.max()), top)]
+    tokens = base_tokens
+    for j, r in enumerate(order, 1):
+        taken[r] = 1
+        tokens = tokens + v[r]
+        t = spent + verify[min(int((have_n + taken).max()), top)]
+        if tokens / t > best_g:
+            best_j, best_g, t_best = j, tokens / t, t
+    n_add = np.zeros(b, dtype=np.int64)
+    n_add[order[:best_j]] = 1
+    self.predicted_time = float(t_best)
+    n_exp = np.zeros(b, dtype=np.int64)
+    if best_j and ctx.level < self.cap:
+        tokens_now = base_tokens + f32(v[order[:best_j]].sum())
+        child = np.where(n_add > 0, v, f32(0)) * alpha
+        corder = np.argsort(-child, kind="stable")[: int((child > 0).sum())]
+        extra = f32(st.draft1)
+        counts = have_n + n_add
+        more = np.zeros(b, dtype=np.int64)
+        g_best, e_best, acc = best_g, 0, tokens_now
+        for j, r in enumerate(corder, 1):
+            more[r] += 1
+            acc = acc + child[r]
+            g = acc / (spent + extra + verify[min(int((counts + more).max()), top)])
+            if g > g_best:
+                g_best, e_best = g, j
+        n_exp[corder[:e_best]] = 1
+        n_exp = np.minimum(n_exp, n_add)
+    dev = ctx.cand_prob.device
+    return torch.from_numpy(n_add).to(dev), torch.from_numpy(n_exp).to(dev)
+
+def select_chain(self: "AdaptivePlanner", tree: DraftTree) -> torch.Tensor | None:
+    """:meth:`select` for chains from the recorded per-level values; None if the tree is not
+    the chain the planner recorded (then the general path runs)."""
+    st = self._step
+    if st.chain_values is None or not st.chain_values or tree.tokens.device.type != "cpu":
+        return None
+    vals = np.stack(st.chain_values, 1)  # (B, levels), node j of a row = level j + 1
+    if vals.shape[1] != tree.width or not np.array_equal(tree.valid.sum(1).numpy(), st.chain_n):
+        return None
+    f32 = np.float32
+    b = st.rows
+    verify = st.verify.astype(f32)
+    top = len(verify) - 1
+    spent = f32(self._spent())
+    flat_order = np.argsort(-vals.reshape(-1), kind="stable")[: int((vals > 0).sum())]
+    counts = np.zeros(b, dtype=np.int64)
+    tokens = f32(b)
+    best_n, best_g, best_t = counts.copy(), tokens / (spent + verify[0]), spent + verify[0]
+    for idx in flat_order:
+        r = idx // vals.shape[1]
+        counts[r] += 1
+        tokens = tokens + vals.reshape(-1)[idx]
+        t = spent + verify[min(int(counts.max()), top)]
+        if tokens / t > best_g:
+            best_n, best_g, best_t = counts.copy(), tokens / t, t
+    self.predicted_time = float(best_t)
+    return torch.from_numpy(np.arange(tree.width)[None, :] < best_n[:, None]) & tree.valid

@@ -1,0 +1,57 @@
+"""Cost curves the simulator charges steps with: what a step would take on some hardware.
+
+``ProfileCost``: this machine, from the latency profile the planners fit (so a simulated planner
+is judged on the same costs it believes: any loss is a decision loss, not a model error).
+``GpuShapedCost``: a GPU-like curve, verify time flat up to a token budget then linear, draft time
+constant per level: the regime where trees and SLO-first selection are reported to pay.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class CostCurve(Protocol):
+    overhead: float
+
+    def verify(self, rows: int, tokens: int, context: float) -> float:
+        """Seconds of one target forward over ``tokens`` query tokens per row."""
+
+    def draft(self, rows: int, tokens: float, context: float) -> float:
+        """Seconds of one draft forward over ``tokens`` query tokens per row."""
+
+
+class ProfileCost:
+    def __init__(self, latency) -> None:
+        self.latency = latency
+        self.overhead = float(latency.overhead)
+
+    def verify(self, rows: int, tokens: int, context: float) -> float:
+        return float(self.latency.target_time(rows, tokens, context))
+
+    def draft(self, rows: int, tokens: float, context: float) -> float:
+        return float(self.latency.draft_time(rows, max(tokens, 1.0), context))
+
+
+@dataclass
+class GpuShapedCost:
+    """``verify = base`` while ``rows * tokens <= budget``, then ``+ per_token`` per extra token;
+    ``draft = draft_level`` per forward whatever its width (a small model is latency bound)."""
+
+    base: float = 0.020
+    budget: int = 256
+    per_token: float = 0.00005
+    draft_level: float = 0.002
+    overhead: float = 0.0005
+
+    def verify(self, rows: int, tokens: int, context: float) -> float:
+        return self.base + self.per_token * max(0, rows * tokens - self.budget)
+
+    def draft(self, rows: int, tokens: float, context: float) -> float:
+        return self.draft_level
+
+    def as_latency_points(self, rows=(1, 2, 4, 8, 16, 32), tokens=(1, 2, 4, 8, 16, 32), contexts=(64, 1024)):
+        """Grid points for a LatencyModel that believes this curve (planners plan with it)."""
+        t = [[r, q, c, self.verify(r, q, c)] for r in rows for q in tokens for c in contexts]
+        d = [[r, q, c, self.draft(r, q, c)] for r in rows for q in tokens for c in contexts]
+        return t, d
