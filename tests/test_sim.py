@@ -133,3 +133,35 @@ def test_chain_fast_path_decides_as_the_general_path(batch):
     b = simulate(slow, tr, ProfileCost(lat), batch=batch)
     assert a.chosen == b.chosen and a.accepted == b.accepted and a.steps == b.steps
     assert a.mean_draft > 1.0  # it did draft: the comparison is not vacuous
+
+
+def test_fruitless_probes_back_off():
+    """A draft that is never right is re-tested ever more rarely (the gap doubles up to a bound)."""
+    from adaspec_hf.policies.planner import PROBE_MAX_GAP
+
+    tr = synthetic_trace(1, 400, 0.0, confidence=0.3, seed=4)
+    p = planner(latency(ratio=10))
+    res = simulate(p, tr, ProfileCost(latency(ratio=10)))
+    assert 3 <= p.probes <= 2 + res.steps // PROBE_MAX_GAP + 5  # 8, 16, 32, 64, 64, ... idle steps apart
+    assert p.probe_gap == PROBE_MAX_GAP
+
+
+def test_row_rate_is_a_ratio_of_node_counts():
+    """At acceptance 0.9 per node the row's rate estimate is near 0.9; a mean of per-step ratios
+    j / (j + 1) would sit near 0.8."""
+    tr = synthetic_trace(1, 600, 0.9, seed=6)
+    p = planner(latency(ratio=10))
+    simulate(p, tr, ProfileCost(latency(ratio=10)))
+    acc, tried = p._row_counts[0]
+    assert abs(acc / tried - 0.9) < 0.08
+
+
+def test_uncertain_low_rate_rows_keep_drafting_when_it_pays():
+    """Acceptance 0.35 with an over-confident draft and a cheap draft: short drafts pay, and the
+    planner must not talk itself out of them on a few unlucky nodes."""
+    tr = synthetic_trace(4, 150, 0.35, confidence=0.7, seed=8)
+    cost = ProfileCost(latency(ratio=20, growth=0.01))
+    k, statics = best_static(tr, cost)
+    assert k >= 1  # the premise: drafting pays here
+    res = simulate(planner(latency(ratio=20, growth=0.01)), tr, cost)
+    assert res.mean_draft >= 0.5 and res.tokens_per_s >= 0.95 * statics[k].tokens_per_s

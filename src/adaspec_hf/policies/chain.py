@@ -36,7 +36,8 @@ def plan_chain_level(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[torch.
     n = float(self.acceptance.n.sum())
     w = f32(n / (n + self.calibration_warmup))
     alpha = st.alpha.astype(f32)
-    a = np.maximum(w * pred + (f32(1) - w) * alpha, pred)  # each chain node is its parent's top child
+    row_pred = np.clip(pred * st.row_scale, f32(0), f32(1)).astype(f32)
+    a = np.maximum(w * row_pred + (f32(1) - w) * alpha, row_pred)  # each chain node is its parent's top child
     v = np.where(alive & allowed, st.chain_last * a, f32(0)).astype(f32)
     st.level_v = v
     if ctx.level == 1:

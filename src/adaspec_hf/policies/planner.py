@@ -33,7 +33,9 @@ from adaspec_hf.core.tree import DraftTree
 logger = logging.getLogger("adaspec_hf")
 
 CHOSEN_HISTORY = 4096  # per-step statistics kept by a planner (a long-running engine steps forever)
-ROW_PRIOR_NODES = 1.0  # pseudo-nodes at the prior rate a new row starts with (one step's evidence outweighs it)
+ROW_PRIOR_NODES = 4.0  # pseudo-nodes at the pair's rate a new row starts with (a few steps of its own outweigh them)
+ROW_SCALE_BOUNDS = (1.0, 4.0)  # a row may be easier than the pair's calibration says (a loop, a quote), never judged harder on a few nodes
+PROBE_MAX_GAP = 64  # idle steps between probes after repeated fruitless ones (the gap doubles up to this)
 PROBE_LENGTHS = (1, 2, 4)  # chain lengths a probe cycles through: cheap, and spanning the likely optimum
 
 
@@ -49,6 +51,7 @@ class PlanStep:
     draft_levels: int = 0  # levels drafted beyond the first, decided so far
     probe: int = 0  # chain length of a probe step (0: a planned step)
     draft1: float = 0.0  # predicted seconds of one draft forward of one token per row (constant within a step)
+    row_scale: np.ndarray | None = None  # (rows,) per-row calibration factor of top-child acceptance
     # chains only (the numpy fast path): per row, nodes drafted so far, the calibrated path value of
     # the last one and their sum, and the values per level (to select without rebuilding them)
     chain_n: np.ndarray | None = None
@@ -98,6 +101,8 @@ class AdaptivePlanner(DraftPolicy):
         self.alpha: dict[int, float] = {}  # per-row EMA of the acceptance rate of drafted nodes
         self.first_value: dict[int, float] = {}  # per-row EMA of the best level-1 candidate's value
         self._row_counts: dict[int, tuple[float, float]] = {}  # per-row decayed (accepted, tested) node counts
+        self._row_calib: dict[int, tuple[float, float]] = {}  # per-row decayed (accepted, predicted) over tested top children
+        self.probe_gap = self.probe_every
         self.idle_steps = 0
         self.probes = 0
         self.predicted_time: float | None = None
@@ -108,6 +113,7 @@ class AdaptivePlanner(DraftPolicy):
         self.alpha.pop(row_id, None)
         self.first_value.pop(row_id, None)
         self._row_counts.pop(row_id, None)
+        self._row_calib.pop(row_id, None)
 
     # ------------------------------------------------------------------ costs
     def _costs(self, rows: int, context: float, max_q: int) -> np.ndarray:
@@ -136,19 +142,24 @@ class AdaptivePlanner(DraftPolicy):
         alpha = np.asarray([self.alpha.get(r, self.prior) for r in ids])
         # look ahead with what level-1 decisions have been seeing, so we do not pay a draft forward
         # whose candidates the stepwise rule then rejects
-        lead = np.asarray([min(self.alpha.get(r, self.prior), self.first_value.get(r, 1.0)) for r in ids])
+        # optimism under uncertainty for the look-ahead alone: a row whose rate rests on few nodes
+        # drafts again and so gathers the evidence that corrects it (a pessimistic estimate that
+        # stops drafting would never be revised); a rate of 0 or 1 gets no bonus
+        hopeful = np.asarray([self._optimistic(r) for r in ids])
+        lead = np.minimum(hopeful, np.asarray([self.first_value.get(r, 1.0) for r in ids]))
         width = self.cap * self.max_children
         verify = self._costs(rows, context, 1 + width)
         draft1 = self._draft_cost(rows, 1, context)
-        self._step = PlanStep(rows=rows, context=context, verify=verify, alpha=alpha, draft1=draft1,
+        scale = np.asarray([self._row_scale(r) for r in ids], dtype=np.float32)
+        self._step = PlanStep(rows=rows, context=context, verify=verify, alpha=alpha, draft1=draft1, row_scale=scale,
                               chain_n=np.zeros(rows, dtype=np.int64), chain_last=np.ones(rows, dtype=np.float32),
                               chain_sum=np.zeros(rows, dtype=np.float32), chain_values=[])
         # Optimistic look-ahead with each row's running acceptance: would any chain length pay?
         ks = np.arange(1, self.cap + 1)
-        gains = np.cumsum(lead[:, None] * alpha[:, None] ** np.arange(0, self.cap)[None, :], axis=1).sum(0)
+        gains = np.cumsum(lead[:, None] * hopeful[:, None] ** np.arange(0, self.cap)[None, :], axis=1).sum(0)
         goodput = (gains + rows) / (self.latency.overhead + ks * draft1 + verify[ks])
         best_k = int(ks[np.argmax(goodput)]) if goodput.max() > rows / (self.latency.overhead + verify[0]) else 0
-        if self.probe_every and self.idle_steps >= self.probe_every:
+        if self.probe_every and self.idle_steps >= self.probe_gap:
             # nothing drafted for a while: try a short chain to re-measure the acceptance and the
             # real cost of wider verify steps, so bad estimates cannot stick
             self.probes += 1
@@ -173,13 +184,32 @@ class AdaptivePlanner(DraftPolicy):
         anc = tree.ancestors().float()
         return torch.exp(torch.bmm(anc, logp[:, :, None])[:, :, 0]).masked_fill(~tree.valid, 0.0)
 
+    def _optimistic(self, row_id: int) -> float:
+        """The row's rate plus one standard error of it (binomial, over its decayed node count)."""
+        acc, tried = self._row_counts.get(row_id, (self.prior * ROW_PRIOR_NODES, ROW_PRIOR_NODES))
+        a = acc / tried
+        return min(1.0, a + (a * (1 - a) / tried) ** 0.5)
+
+    def _row_scale(self, row_id: int) -> float:
+        """How much more (or less) a row's top children are accepted than the pair's calibration
+        predicts: the pair-wide map from draft probability to acceptance learns slowly and cannot
+        know that *this* text is easy (a loop, a quote) or hard; one pseudo-node at ratio 1 keeps a
+        new row at the calibration."""
+        acc, pred = self._row_calib.get(row_id, (1.0, 1.0))
+        lo, hi = ROW_SCALE_BOUNDS
+        return min(max(acc / max(pred, 1e-6), lo), hi)
+
     def _acceptance(self, draft_prob: torch.Tensor, depth: torch.Tensor, row_alpha: torch.Tensor,
                     parent: torch.Tensor) -> torch.Tensor:
-        """Calibrated acceptance. Until the calibration has data, each node's *top* child leans on
-        its row's running acceptance rate (a high-entropy draft whose argmax agrees would otherwise
-        never be tried); lower-ranked siblings keep the calibrated estimate, since at most one
-        sibling can be accepted."""
+        """Calibrated acceptance. Each node's *top* child is the calibration scaled by its row's
+        factor (:meth:`_row_scale`), and until the calibration has data it leans on the row's
+        running acceptance rate (a high-entropy draft whose argmax agrees would otherwise never be
+        tried); lower-ranked siblings keep the calibrated estimate, since at most one sibling can
+        be accepted."""
         pred = self.acceptance.predict(draft_prob, depth).to(draft_prob.device)
+        scale = self._step.row_scale if self._step is not None and self._step.row_scale is not None else None
+        scale = torch.ones(pred.shape[0]) if scale is None else torch.from_numpy(scale)
+        row_pred = (pred * scale.to(pred.device, pred.dtype)[:, None]).clamp(0.0, 1.0)
         n = float(self.acceptance.n.sum()) if hasattr(self.acceptance, "n") else 0.0
         w = n / (n + self.calibration_warmup)
         c = draft_prob.shape[1]
@@ -188,8 +218,8 @@ class AdaptivePlanner(DraftPolicy):
         better = (draft_prob[:, None, :] > draft_prob[:, :, None]) | (
             (draft_prob[:, None, :] == draft_prob[:, :, None]) & (idx[None, None, :] < idx[None, :, None]))
         top = ~(same & better).any(-1)
-        blend = w * pred + (1 - w) * row_alpha.to(pred.dtype)
-        return torch.where(top, torch.maximum(blend, pred), pred)
+        blend = w * row_pred + (1 - w) * row_alpha.to(pred.dtype)
+        return torch.where(top, torch.maximum(blend, row_pred), pred)
 
     @property
     def _probing(self) -> bool:
@@ -325,10 +355,16 @@ class AdaptivePlanner(DraftPolicy):
             self.chosen.append(0.0)
         if tree.width:
             tested = outcome.tested & tree.valid
+            target = outcome.accept_prob if outcome.accept_prob.dtype.is_floating_point else outcome.accepted.float()
             if bool(tested.any()):
-                target = outcome.accept_prob if outcome.accept_prob.dtype.is_floating_point else outcome.accepted.float()
+                # what the calibration predicted for the tested nodes, before it learns from them
+                predicted = (self.acceptance.predict(tree.draft_prob.float(), tree.depth.clamp(min=1)).cpu()
+                             * tested.cpu()).sum(1).tolist()
+                got = (target.float().cpu() * tested.cpu()).sum(1).tolist()
                 self.acceptance.update(tree.draft_prob[tested].float(), tree.depth[tested],
                                        target[tested].float())
+            else:
+                predicted = got = [0.0] * tree.batch
             # per-row acceptance rate of tried nodes (for chains: the geometric MLE)
             ids = outcome.row_ids.tolist() if outcome.row_ids is not None else list(range(tree.batch))
             n_tested = tested.sum(1).tolist()
@@ -343,11 +379,19 @@ class AdaptivePlanner(DraftPolicy):
                     acc, tried = (1 - w) * acc + w * a, (1 - w) * tried + w * n
                     self._row_counts[r] = (acc, tried)
                     self.alpha[r] = acc / tried
+            for r, n, g, pr in zip(ids, n_tested, got, predicted):
+                if n:
+                    acc, pred = self._row_calib.get(r, (1.0, 1.0))
+                    self._row_calib[r] = ((1 - w) * acc + w * g, (1 - w) * pred + w * pr)
             total = sum(n_tested)
             if total:
                 w = self.config.pair_rate_ema
                 self.mode.running_rate = (1 - w) * self.prior + w * sum(n_acc) / total
             self.chosen.append(float(tree.valid.sum(1).float().mean()))
+        if st is not None and tree.width:
+            # a probe that found nothing doubles the wait for the next one; any accepted token resets it
+            found = bool((outcome.accepted & tree.valid).any())
+            self.probe_gap = self.probe_every if (found or not st.probe) else min(2 * self.probe_gap, PROBE_MAX_GAP)
         if len(self.chosen) > CHOSEN_HISTORY:
             del self.chosen[: len(self.chosen) - CHOSEN_HISTORY // 4]
         if st is not None:
