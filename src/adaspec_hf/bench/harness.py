@@ -60,6 +60,7 @@ class Row:
     target_forwards: float | None = None
     matches_vanilla: bool | None = None
     note: str = ""
+    config: dict | None = None  # the AdaptiveConfig of an adaspec method, as it ran
 
 
 @dataclass
@@ -188,6 +189,7 @@ def run_benchmark(
                 row.accepted_per_step = sum(acc) / len(acc)
                 row.mean_draft_len = sum(s.mean_draft_len for s in stats) / len(stats)
                 row.target_forwards = sum(s.target_forwards for s in stats) / len(stats)
+                row.config = stats[-1].config
             if method.name == "vanilla":
                 vanilla_out, base_tps = outs, row.tokens_per_s
             if base_tps:

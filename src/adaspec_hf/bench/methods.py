@@ -24,6 +24,7 @@ class RunOutput:
     accepted_per_step: float | None = None
     mean_draft_len: float | None = None
     target_forwards: int | None = None
+    config: dict | None = None  # the AdaptiveConfig that ran (adaspec methods)
 
 
 MethodFn = Callable[..., RunOutput]
@@ -67,7 +68,7 @@ def _ours(policy: str):
         seq = adaptive_generate(target, input_ids=ids, attention_mask=mask, assistant_model=draft,
                                 draft_policy=policy, **gen_kw)
         st = target.adaspec_stats
-        return RunOutput(seq, 0, st.accepted_per_step, st.mean_draft_len, st.target_forwards)
+        return RunOutput(seq, 0, st.accepted_per_step, st.mean_draft_len, st.target_forwards, st.config)
     return run
 
 

@@ -160,7 +160,7 @@ def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max
         by_class[c] = sum(sel) / len(sel)
     rows = sum(s.rows for s in steps)
     out = {
-        "system": system, "policy": policy.name, "rate": workload.rate, **metrics,
+        "system": system, "policy": policy.name, "config": engine.config.to_dict(), "rate": workload.rate, **metrics,
         "attainment_by_class": by_class,
         "finished": sum(rec["finish_reason"] in ("eos", "length", "stop") for rec in records),
         "duration_s": duration, "steps": len(steps),

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from adaspec_hf.pair.gates import Gates
 
-RECIPE_VERSION = 2  # 2: step budget, measured precision/threads, quality gates
+RECIPE_VERSION = 3  # 2: step budget, measured precision/threads, quality gates; 3: a second target
+#                    initialisation when the first one's greedy text loops
 
 
 @dataclass(frozen=True)
