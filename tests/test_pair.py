@@ -331,3 +331,33 @@ def test_pair_of_an_older_recipe_is_rebuilt(quick_pair, tmp_path):
     assert P.build_pair(d, quick=True, progress=False) == d
     rebuilt = json.loads((d / "report.json").read_text())
     assert rebuilt["recipe"]["target_steps"] == P.QUICK.target_steps
+
+
+def test_a_pair_that_missed_only_its_cost_gate_is_timed_again(quick_pair, tmp_path, monkeypatch):
+    """The cost ratio depends on the machine's state when timed, the other gates on the weights:
+    re-timing (not retraining) decides the cost gate again; any other miss is left alone."""
+    import dataclasses
+    import json
+    import shutil
+
+    from adaspec_hf.pair import build as B
+
+    d = tmp_path / "pair"
+    shutil.copytree(quick_pair[0], d)
+    rep = json.loads((d / "report.json").read_text())
+    gate = {"value": 3.0, "threshold": 8.0, "kind": "min", "passed": False}
+    rep["gates"] = {"cost_ratio": dict(gate), "draft_agreement": {"value": 0.7, "threshold": 0.6, "kind": "min",
+                                                                  "passed": True}}
+    rep["gates_passed"] = False
+    (d / "report.json").write_text(json.dumps(rep))
+    recipe = dataclasses.replace(B.QUICK, gates_apply=True)
+    monkeypatch.setattr(B, "measure_cost", lambda t, dr, ctx, repeats: {"target_ms": 20.0, "draft_ms": 1.0, "ratio": 20.0})
+    assert B.remeasure_cost(d, recipe, progress=False)
+    after = json.loads((d / "report.json").read_text())
+    assert after["gates_passed"] and after["gates"]["cost_ratio"]["value"] == 20.0
+    assert after["cost_history"][0]["ratio"] == rep["cost"]["ratio"]  # the old measurement is kept
+    # a pair that also misses a weight gate is not touched
+    rep["gates"]["draft_agreement"]["passed"] = False
+    (d / "report.json").write_text(json.dumps(rep))
+    assert not B.remeasure_cost(d, recipe, progress=False)
+    assert json.loads((d / "report.json").read_text())["gates"]["cost_ratio"]["value"] == 3.0
