@@ -40,7 +40,9 @@ def run_policies(names, trace: Trace, cost, target, draft, batch: int) -> dict[s
     for name in names:
         policy = make_policy(name, target, draft, sampling=trace.sampling, fresh=True)
         res = simulate(policy, trace, cost, batch=batch)
-        out[name] = {**res.summary(), "chosen": res.chosen, "accepted_per_step": res.accepted_per_step}
+        out[name] = res.summary()
+        if batch == 1 and name in OURS:  # per-step series for the plot (kept small: batch 1, ours)
+            out[name].update(chosen=res.chosen, accepted_per_step=res.accepted_per_step)
     return out
 
 
