@@ -361,3 +361,17 @@ def test_a_pair_that_missed_only_its_cost_gate_is_timed_again(quick_pair, tmp_pa
     (d / "report.json").write_text(json.dumps(rep))
     assert not B.remeasure_cost(d, recipe, progress=False)
     assert json.loads((d / "report.json").read_text())["gates"]["cost_ratio"]["value"] == 3.0
+
+
+def test_gate_errors_say_what_to_do():
+    from adaspec_hf.pair.gates import WeakPairError, check_gates
+
+    def report(**passed):
+        return {"recipe": {"name": "full"}, "gates": {k: {"value": 1.0, "threshold": 2.0, "kind": "min", "passed": v}
+                                                      for k, v in passed.items()}}
+
+    with pytest.raises(WeakPairError, match="re-times the pair without retraining"):
+        check_gates(report(cost_ratio=False, draft_agreement=True), "x")
+    with pytest.raises(WeakPairError, match="--force"):
+        check_gates(report(cost_ratio=False, draft_agreement=False), "x")
+    check_gates(report(cost_ratio=True), "x")  # all passed: no error

@@ -135,6 +135,12 @@ GATE_ADVICE = (
     "--allow-weak-pair / allow_weak_pair=True to use it anyway"
 )
 
+COST_ONLY_ADVICE = (
+    "only the cost ratio missed, which depends on how busy the machine was when it was timed: run "
+    "`adaspec-hf pair build` again on an idle machine (it re-times the pair without retraining), or pass "
+    "--allow-weak-pair / allow_weak_pair=True to use it anyway"
+)
+
 
 def check_gates(report: dict, where: str) -> None:
     """Raise :class:`WeakPairError` naming every missed gate of a full pair's report."""
@@ -145,4 +151,5 @@ def check_gates(report: dict, where: str) -> None:
     if missed:
         desc = ", ".join(f"{k} {gates[k]['value']:.3g} ({'<=' if gates[k]['kind'] == 'max' else '>='} "
                          f"{gates[k]['threshold']})" for k in missed)
-        raise WeakPairError(f"the pair in {where} misses its quality gates: {desc}; {GATE_ADVICE}")
+        advice = COST_ONLY_ADVICE if missed == ["cost_ratio"] else GATE_ADVICE
+        raise WeakPairError(f"the pair in {where} misses its quality gates: {desc}; {advice}")
