@@ -95,7 +95,9 @@ def main() -> None:
         write_results(res, args.out)
 
     out = Path(args.out) / "adaptive_summary.json"
-    out.write_text(json.dumps(summary, indent=2))
+    # sections run separately update their own keys: a run of B keeps A's recorded summary
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    out.write_text(json.dumps({**previous, **summary}, indent=2))
     print(json.dumps(summary, indent=2))
 
 
