@@ -1,4 +1,4 @@
-"""`adaspec-hf` command line: each subcommand lives in the module that owns the feature.
+"""`adaspec-hf` command line: argparse only, one module per subcommand, calling the library.
 
 Each module under :mod:`adaspec_hf.cli` exposes ``register_cli(subparsers)``, which adds its
 subcommand(s) and sets ``func`` on the parser to a callable taking the parsed ``argparse.Namespace``;
