@@ -28,7 +28,10 @@ from adaspec_hf.machine import is_busy, load_average
 from adaspec_hf.pair import load_models
 from adaspec_hf.policies.build import fresh_state
 from adaspec_hf.policies.registry import make_policy
-from adaspec_hf.sim import ProfileCost, Trace, oracle_chain, record_trace, simulate
+from adaspec_hf.config import AdaptiveConfig
+from adaspec_hf.efficiency.latency import LatencyModel
+from adaspec_hf.policies.registry import needs_profile as make_policy_needs_profile
+from adaspec_hf.sim import GpuShapedCost, ProfileCost, Trace, oracle_chain, record_trace, simulate
 
 STATIC = list(range(0, 11))
 BASELINES = ["heuristic", "confidence", "smartspec", "tree-4x2"]
@@ -38,7 +41,14 @@ OURS = ["adaptive", "adaptive-tree"]
 def run_policies(names, trace: Trace, cost, target, draft, batch: int) -> dict[str, dict]:
     out = {}
     for name in names:
-        policy = make_policy(name, target, draft, sampling=trace.sampling, fresh=True)
+        if isinstance(cost, GpuShapedCost) and make_policy_needs_profile(name):
+            # planners plan with the curve they are charged with (the pair's profile is this CPU's)
+            t, d = cost.as_latency_points()
+            lat = LatencyModel.from_points(t, d, overhead=cost.overhead, bounds=(1.0, 1.0))
+            policy = make_policy(AdaptiveConfig(policy=name), target, draft, sampling=trace.sampling, fresh=True)
+            policy.latency = lat
+        else:
+            policy = make_policy(name, target, draft, sampling=trace.sampling, fresh=True)
         res = simulate(policy, trace, cost, batch=batch)
         out[name] = res.summary()
         if batch == 1 and name in OURS:  # per-step series for the plot (kept small: batch 1, ours)
@@ -74,6 +84,9 @@ def main() -> None:
     ap.add_argument("--drafts", default="built-in,perfect,random")
     ap.add_argument("--modes", default="greedy,sampling")
     ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--cost", choices=["profile", "gpu"], default="profile",
+                    help="charge steps with the pair's profile on this machine, or a GPU-shaped curve (verify "
+                         "flat up to 256 tokens then linear, 2 ms per draft level; planners plan with it)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
@@ -100,7 +113,7 @@ def main() -> None:
                                  temperature=args.temperature, seed=0, pad_token_id=tok.pad_token_id or 0,
                                  eos_token_id=tok.eos_token_id, outputs=outputs)
             outputs = [r.tokens for r in trace.rows]  # the target's outputs do not depend on the draft
-            cost = ProfileCost(fresh_state(target, d).latency)
+            cost = GpuShapedCost() if args.cost == "gpu" else ProfileCost(fresh_state(target, d).latency)
             print(f"\n== {dname} draft, {mode}: trace of {len(trace.rows)} rows in {time.perf_counter() - t0:.0f} s; "
                   f"draft argmax = output at {sum(r.acceptance_rate() for r in trace.rows) / len(trace.rows):.2f} "
                   "of positions")
@@ -137,10 +150,11 @@ def main() -> None:
                     print(f"-- mixed batch {b}: adaptive / best uniform static-{best_k} = {ratio:.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "simulate.json").write_text(json.dumps(result, indent=1))
-    (out / "simulate_summary.json").write_text(json.dumps(summary, indent=1))
-    plot(result, out / "simulate.png")
-    print(f"\nwrote {out / 'simulate.json'}, {out / 'simulate_summary.json'}, {out / 'simulate.png'}")
+    stem = "simulate" if args.cost == "profile" else f"simulate_{args.cost}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1))
+    plot(result, out / f"{stem}.png")
+    print(f"\nwrote {out / stem}.json, {stem}_summary.json, {stem}.png")
 
 
 def plot(result: dict, path: Path) -> None:
