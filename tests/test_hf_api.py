@@ -203,7 +203,7 @@ def _tiny(cls_name: str, cfg_name: str, **kw):
                    hidden_size=32, num_heads=4, window_size=4, max_position_embeddings=64), "window_size=4"),
 ])
 def test_unsupported_architectures_say_why(build, reason):
-    from adaspec_hf.core.kv import check_cache_support
+    from adaspec_hf.core.architecture import check_cache_support
 
     model = build()
     with pytest.raises(ValueError, match=reason) as err:
@@ -216,7 +216,7 @@ def test_layer_type_refusals_name_the_layers():
 
     from transformers import Llama4TextConfig, Qwen3NextConfig
 
-    from adaspec_hf.core.kv import mask_spec_for
+    from adaspec_hf.core.architecture import mask_spec_for
 
     qwen = types.SimpleNamespace(config=Qwen3NextConfig(num_hidden_layers=4))
     with pytest.raises(ValueError, match=r"\['linear_attention'\].*running state"):

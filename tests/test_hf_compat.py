@@ -14,7 +14,8 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import adaspec_hf
 from adaspec_hf import compat as C
-from adaspec_hf.core.kv import KVState, check_cache_support
+from adaspec_hf.core.architecture import check_cache_support
+from adaspec_hf.core.kv import KVState
 
 from conftest import ARCHS, pair, ragged_batch
 

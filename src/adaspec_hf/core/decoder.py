@@ -16,7 +16,7 @@ from transformers import LogitsProcessorList, PreTrainedModel, StoppingCriteriaL
 
 from adaspec_hf.compat import execution_device
 from adaspec_hf.core.buffer import CommitRule, TokenBuffer
-from adaspec_hf.core.kv import check_cache_support
+from adaspec_hf.core.architecture import check_cache_support
 from adaspec_hf.core.processing import Processing
 from adaspec_hf.core.proposer import Proposer
 from adaspec_hf.core.rows import RowBatch, RowSource

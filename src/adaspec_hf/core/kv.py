@@ -14,9 +14,7 @@ from transformers import PreTrainedModel
 from adaspec_hf.compat import (
     alibi_from_positions, alibi_per_row, cache_kwargs, cache_layers, execution_device, forward_parameters, new_cache,
 )
-from adaspec_hf.core.architecture import (  # noqa: F401  (check_cache_support/MaskSpec: importable from here too)
-    ALIBI_FROM_POSITIONS, MaskSpec, check_cache_support, mask_spec_for,
-)
+from adaspec_hf.core.architecture import ALIBI_FROM_POSITIONS, mask_spec_for
 
 
 def _slot_aligned(key_pos: torch.Tensor, mask: torch.Tensor) -> bool:

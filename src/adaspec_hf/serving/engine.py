@@ -30,7 +30,7 @@ from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
 
 from adaspec_hf.config import EngineConfig
 from adaspec_hf.core import GenerationStats, draw_keys
-from adaspec_hf.core.kv import check_cache_support
+from adaspec_hf.core.architecture import check_cache_support
 from adaspec_hf.efficiency.latency import LatencyModel
 from adaspec_hf.core.vocab import check_vocab
 from adaspec_hf.policies import DraftPolicy

@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from adaspec_hf.core.tree import DraftTree
 from adaspec_hf.policies.base import DraftPolicy, LevelContext, StepContext, StepOutcome
+from adaspec_hf.policies.static import StaticChain
 from adaspec_hf.sim.cost import CostCurve
 from adaspec_hf.sim.trace import Trace
 
@@ -208,21 +208,7 @@ def simulate(policy: DraftPolicy, trace: Trace, cost: CostCurve, *, batch: int =
 def best_static(trace: Trace, cost: CostCurve, *, batch: int = 1, max_k: int = 12, max_new_tokens: int | None = None
                 ) -> tuple[int, dict[int, SimResult]]:
     """Every static chain length 0..max_k simulated; (best k, results by k)."""
-    from adaspec_hf.policies.static import StaticChain
-
     results = {k: simulate(StaticChain(k), trace, cost, batch=batch, max_new_tokens=max_new_tokens)
                for k in range(max_k + 1)}
     best = max(results, key=lambda k: results[k].tokens_per_s)
     return best, results
-
-
-def summary_table(results: dict[str, SimResult]) -> str:
-    lines = [f"{'policy':<18} {'tok/s':>9} {'tok/pass':>9} {'draft/step':>10} {'steps':>6} {'decide%':>8}"]
-    for name, r in results.items():
-        lines.append(f"{name:<18} {r.tokens_per_s:>9.1f} {r.tokens_per_pass:>9.2f} {r.mean_draft:>10.2f} "
-                     f"{r.steps:>6d} {100 * r.decision_fraction:>7.1f}%")
-    return "\n".join(lines)
-
-
-def mean(xs) -> float:
-    return float(np.mean(xs)) if len(xs) else 0.0

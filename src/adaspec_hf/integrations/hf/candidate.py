@@ -9,7 +9,8 @@ import torch
 from transformers import LogitsProcessorList, PreTrainedModel
 
 from adaspec_hf.compat import CandidateGenerator, candidate_generator_override, execution_device
-from adaspec_hf.core.kv import KVState, check_cache_support
+from adaspec_hf.core.architecture import check_cache_support
+from adaspec_hf.core.kv import KVState
 from adaspec_hf.core.processing import Processing
 from adaspec_hf.core.proposer import TreeDrafter
 from adaspec_hf.policies import DraftPolicy, StepContext, StepOutcome

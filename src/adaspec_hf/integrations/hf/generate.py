@@ -30,7 +30,7 @@ from adaspec_hf.compat import (
 )
 from adaspec_hf.config import AdaptiveConfig
 from adaspec_hf.core import SpeculativeDecoder
-from adaspec_hf.core.kv import check_cache_support
+from adaspec_hf.core.architecture import check_cache_support
 from adaspec_hf.core.processing import Processing
 from adaspec_hf.integrations.hf.candidate import AdaptiveCandidateGenerator, generate_with_candidate_generator
 from adaspec_hf.integrations.hf.options import GENERATE_ARGUMENTS, check_model_kwargs, check_options
