@@ -109,3 +109,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------- a synthetic latency profile
+PROFILE_ROWS, PROFILE_TOKENS, PROFILE_CTXS = (1, 2, 4, 8), (1, 2, 3, 4, 8), (16, 64, 256)
+
+
+def roofline(r, t, c):
+    return 1e-3 + 2e-5 * r * t + 1e-8 * r * t * c + 3e-8 * r * c
+
+
+def synthetic_profile(kink: bool = True):
+    """A roofline cost on a small grid, with a CPU-like kink (2 tokens slower than 4) if asked."""
+    import itertools
+
+    from adaspec_hf.profiling import Profile
+
+    pts = []
+    for r, t, c in itertools.product(PROFILE_ROWS, PROFILE_TOKENS, PROFILE_CTXS):
+        s = roofline(r, t, c) * (1.6 if (kink and t == 2) else 1.0)
+        pts.append([r, t, c, s])
+    draft = [[r, t, c, s / 10] for r, t, c, s in pts]
+    return Profile(key={}, target=pts, draft=draft, overhead=2e-4)

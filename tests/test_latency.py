@@ -8,23 +8,9 @@ import numpy as np
 import pytest
 
 from adaspec_hf.efficiency.latency import LatencyModel, LatencyTable, RooflineFit
-from adaspec_hf.profiling import Profile
 
-ROWS, TOKENS, CTXS = (1, 2, 4, 8), (1, 2, 3, 4, 8), (16, 64, 256)
-
-
-def roofline(r, t, c):
-    return 1e-3 + 2e-5 * r * t + 1e-8 * r * t * c + 3e-8 * r * c
-
-
-def synthetic(kink: bool = True) -> Profile:
-    """A roofline cost, with a CPU-like kink (2 tokens slower than 4) if asked."""
-    pts = []
-    for r, t, c in itertools.product(ROWS, TOKENS, CTXS):
-        s = roofline(r, t, c) * (1.6 if (kink and t == 2) else 1.0)
-        pts.append([r, t, c, s])
-    draft = [[r, t, c, s / 10] for r, t, c, s in pts]
-    return Profile(key={}, target=pts, draft=draft, overhead=2e-4)
+from conftest import PROFILE_CTXS as CTXS, PROFILE_ROWS as ROWS, PROFILE_TOKENS as TOKENS, roofline
+from conftest import synthetic_profile as synthetic
 
 
 def test_exact_on_grid_points():
