@@ -116,8 +116,8 @@ CASES: dict[str, tuple[str, object]] = {
     "num_assistant_tokens": ("policy", (dict(num_assistant_tokens=4), "static-4")),
     "num_assistant_tokens_schedule": ("policy", (dict(num_assistant_tokens_schedule="heuristic"), "heuristic")),
     "assistant_confidence_threshold": ("policy", (dict(assistant_confidence_threshold=0.2), "confidence-0.2")),
-    "prompt_lookup_num_tokens": ("refused", dict(prompt_lookup_num_tokens=3)),
-    "max_matching_ngram_size": ("refused", dict(max_matching_ngram_size=2)),
+    "prompt_lookup_num_tokens": ("lookup", (dict(prompt_lookup_num_tokens=3), "static-3")),
+    "max_matching_ngram_size": ("lookup", (dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=2), "static-3")),
     "assistant_early_exit": ("refused", dict(assistant_early_exit=1)),
     "assistant_lookbehind": ("refused", dict(assistant_lookbehind=4)),
     "target_lookbehind": ("refused", dict(target_lookbehind=4)),
@@ -181,7 +181,7 @@ def test_option_honoured_or_refused(models, batch, free, tokenizer, name):
     ids, mask = batch
     p = ids.shape[1]
     kind, case = CASES[name]
-    if kind == "policy":
+    if kind in ("policy", "lookup"):
         case, expected_policy = case
     kw = _kwargs(case, free, p, tokenizer)
     if kind == "refused":
@@ -205,6 +205,14 @@ def test_option_honoured_or_refused(models, batch, free, tokenizer, name):
         ref, ours = _run_pair(target, draft, ids, mask, kw)
         _assert_same(ref, ours)
         assert target.adaspec_stats.policy == expected_policy
+        return
+    if kind == "lookup":  # HF's prompt lookup is batch 1 only: the reference is plain greedy generate
+        ref, _ = _run_pair(target, draft, ids, mask, {})
+        ours = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False,
+                               return_dict_in_generate=True, output_scores=True, assistant_model=draft,
+                               adaptive=True, **kw)
+        _assert_same(ref, ours)
+        assert target.adaspec_stats.policy == expected_policy and target.adaspec_config.prompt_lookup
         return
     ref, ours = _run_pair(target, draft, ids, mask, kw)
     _assert_same(ref, ours)

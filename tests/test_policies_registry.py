@@ -75,8 +75,11 @@ def test_config_reaches_the_planner(no_profiling):
 def test_unknown_and_incomplete_specs_are_refused():
     with pytest.raises(ValueError, match="unknown draft_policy 'statik-4'.*static-K"):
         make_policy("statik-4")
-    with pytest.raises(ValueError, match="needs both models"):
+    with pytest.raises(ValueError, match="needs the target model"):
         make_policy("adaptive")
+    target, _ = pair("llama")
+    with pytest.raises(ValueError, match="needs a draft model.*prompt_lookup=True"):
+        make_policy("adaptive", target)
     with pytest.raises(ValueError, match="K <= 64"):
         make_policy("static-65")
     with pytest.raises(ValueError, match="tree depth and width"):

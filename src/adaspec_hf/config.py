@@ -66,6 +66,10 @@ class AdaptiveConfig:
     * ``compaction_threshold``: fraction of cache slots that may be holes before compaction.
     * ``token_budget`` / ``min_node_value``: SLO planners only (phase-1 nodes per step; nodes worth
       less than this many expected tokens are never forced).
+    * ``prompt_lookup``: also draft by prompt lookup (n-gram matches in each row's own text, no
+      forward); alone when there is no draft model, else merged with the draft's tree, the policy
+      verifying what pays. ``lookup_max_ngram`` / ``lookup_min_ngram``: the n-gram sizes tried,
+      longest first (HF's ``max_matching_ngram_size`` sets the first).
     """
 
     policy: str = DEFAULT_POLICY
@@ -81,6 +85,9 @@ class AdaptiveConfig:
     compaction_threshold: float = 0.5
     token_budget: int | None = None
     min_node_value: float = 0.02
+    prompt_lookup: bool = False
+    lookup_max_ngram: int = 3
+    lookup_min_ngram: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy.strip():
@@ -98,6 +105,10 @@ class AdaptiveConfig:
         _check_float("compaction_threshold", self.compaction_threshold, 0.0, 1.0)
         _check_int("token_budget", self.token_budget, 0, none_ok=True)
         _check_float("min_node_value", self.min_node_value, 0.0, 1.0)
+        if not isinstance(self.prompt_lookup, bool):
+            raise ValueError(f"prompt_lookup must be True or False, got {self.prompt_lookup!r}")
+        _check_int("lookup_max_ngram", self.lookup_max_ngram, 1, 64)
+        _check_int("lookup_min_ngram", self.lookup_min_ngram, 1, self.lookup_max_ngram)
 
     @classmethod
     def coerce(cls, value: "AdaptiveConfig | str | Mapping[str, Any] | None", **overrides: Any) -> "AdaptiveConfig":

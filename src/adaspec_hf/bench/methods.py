@@ -2,7 +2,9 @@
 
 Each method is one callable ``(target, draft, ids, mask, gen_kw) -> RunOutput`` so the harness can time
 them all on the same batches; names are the ones the CLI and the result tables use (``vanilla``,
-``hf-assisted``, ``hf-assisted-heuristic``, ``hf-assisted-kK``, or any draft policy name).
+``hf-assisted``, ``hf-assisted-heuristic``, ``hf-assisted-kK``, ``hf-prompt-lookup-kK`` (HF's own
+prompt lookup, batch 1), any draft policy name, ``lookup:POLICY`` (our prompt lookup alone, no draft
+model) or ``POLICY+lookup`` (the draft model and prompt lookup merged)).
 """
 from __future__ import annotations
 
@@ -63,12 +65,23 @@ def _hf_assisted(schedule: str | None, k: int | None):
     return run
 
 
-def _ours(policy: str):
+def _ours(policy: str, lookup: str | None = None):
+    """``lookup``: None (the draft model), "alone" (prompt lookup, no draft model) or "merged"."""
     def run(target, draft, ids, mask, gen_kw) -> RunOutput:
-        seq = adaptive_generate(target, input_ids=ids, attention_mask=mask, assistant_model=draft,
-                                draft_policy=policy, **gen_kw)
+        kw = dict(gen_kw)
+        if lookup is not None:
+            kw["prompt_lookup"] = True
+        seq = adaptive_generate(target, input_ids=ids, attention_mask=mask,
+                                assistant_model=None if lookup == "alone" else draft, draft_policy=policy, **kw)
         st = target.adaspec_stats
         return RunOutput(seq, 0, st.accepted_per_step, st.mean_draft_len, st.target_forwards, st.config)
+    return run
+
+
+def _hf_prompt_lookup(k: int):
+    def run(target, draft, ids, mask, gen_kw) -> RunOutput:
+        seq = _original_generate(target)(input_ids=ids, attention_mask=mask, prompt_lookup_num_tokens=k, **gen_kw)
+        return RunOutput(seq, 0)
     return run
 
 
@@ -86,5 +99,13 @@ def resolve_method(name: str) -> Method:
         return Method(name, _hf_assisted("heuristic", None), batch1_only=True)
     if m := re.fullmatch(r"hf-assisted-k(\d+)", name):
         return Method(name, _hf_assisted("constant", int(m.group(1))), batch1_only=True)
+    if m := re.fullmatch(r"hf-prompt-lookup-k(\d+)", name):
+        return Method(name, _hf_prompt_lookup(int(m.group(1))), batch1_only=True)
+    if m := re.fullmatch(r"lookup:(.+)", name):  # prompt lookup alone, under a policy
+        lookup(m.group(1))
+        return Method(name, _ours(m.group(1), "alone"))
+    if m := re.fullmatch(r"(.+)\+lookup", name):  # the draft model and prompt lookup merged
+        lookup(m.group(1))
+        return Method(name, _ours(m.group(1), "merged"))
     lookup(name)  # an unknown policy name raises here, before any timing
     return Method(name, _ours(name))

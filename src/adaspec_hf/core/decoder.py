@@ -17,6 +17,7 @@ from transformers import LogitsProcessorList, PreTrainedModel, StoppingCriteriaL
 from adaspec_hf.compat import execution_device
 from adaspec_hf.core.buffer import CommitRule, TokenBuffer
 from adaspec_hf.core.architecture import check_cache_support
+from adaspec_hf.core.lookup import LookupProposer
 from adaspec_hf.core.processing import Processing
 from adaspec_hf.core.proposer import Proposer
 from adaspec_hf.core.rows import RowBatch, RowSource
@@ -105,13 +106,14 @@ class SpeculativeDecoder:
     Rows stop under one :class:`~adaspec_hf.core.buffer.CommitRule`: ``eos_token_id`` (not before
     ``min_new_tokens`` new tokens), ``max_new_tokens`` and ``stopping_criteria`` (HF criteria,
     e.g. ``StopStringCriteria``, checked after every emitted token). ``proposer``: where drafts come
-    from (default: ``draft``, see :class:`~adaspec_hf.core.proposer.DraftModelProposer`).
+    from (default: ``draft``, see :class:`~adaspec_hf.core.proposer.DraftModelProposer`; with
+    ``draft=None``, a :class:`~adaspec_hf.core.lookup.LookupProposer`).
     """
 
     def __init__(
         self,
         target: PreTrainedModel,
-        draft: PreTrainedModel,
+        draft: PreTrainedModel | None,
         policy: DraftPolicy,
         *,
         do_sample: bool = False,
@@ -130,7 +132,10 @@ class SpeculativeDecoder:
         proposer: Proposer | None = None,
     ):
         check_cache_support(target)
-        check_cache_support(draft)
+        if draft is not None:
+            check_cache_support(draft)
+        elif not isinstance(proposer, LookupProposer):
+            raise ValueError("draft=None needs a proposer that drafts without a draft model (LookupProposer)")
         self.target, self.draft, self.policy = target, draft, policy
         self.do_sample = do_sample
         self.processors = processors

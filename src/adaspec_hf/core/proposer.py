@@ -28,13 +28,22 @@ if TYPE_CHECKING:  # the policy interface sits above core; the step only calls i
 
 
 class Proposer(Protocol):
-    """A source of draft trees for :class:`~adaspec_hf.core.step.SpecStep`."""
+    """A source of draft trees for :class:`~adaspec_hf.core.step.SpecStep`.
+
+    ``free_depth`` (optional, default 0): levels the proposer drafts at no forward cost whatever the
+    policy's depth bound (prompt lookup under a planner); 0 for the draft model. When it is > 0 the
+    step passes it as ``free_depth=`` (clamped like the policy's bound) and calls the proposer when
+    either bound is > 0 for some row; a proposer without free levels is called as before."""
+
+    free_depth: int
 
     def propose(self, batch: RowBatch, src: RowSource, policy: DraftPolicy, ctx: StepContext,
-                max_depth: torch.Tensor, process: ProcessFn, prefix_of: PrefixFn) -> DraftTree:
-        """Trees for the rows of ``batch``, at most ``max_depth[b]`` deep (some row has a bound > 0),
-        grown under ``policy`` (its ``choose`` per level; the step applies ``select`` after).
-        ``process`` turns logits into the rows' processed scores; ``prefix_of`` gives node prefixes."""
+                max_depth: torch.Tensor, process: ProcessFn, prefix_of: PrefixFn,
+                free_depth: torch.Tensor | None = None) -> DraftTree:
+        """Trees for the rows of ``batch``, at most ``max_depth[b]`` deep (``max(max_depth,
+        free_depth)`` for free levels), grown under ``policy`` (its ``choose`` per level; the step
+        applies ``select`` after). ``process`` turns logits into the rows' processed scores;
+        ``prefix_of`` gives node prefixes."""
         ...
 
     def accepted(self, batch: RowBatch, tree: DraftTree, accepted: torch.Tensor) -> None:
@@ -48,11 +57,13 @@ class DraftModelProposer:
     ``sampling``: sample chain drafts from the draft's distribution (else the draft's top tokens);
     ``generator``: for those samples."""
 
+    free_depth = 0  # every draft level is a draft forward
+
     def __init__(self, sampling: bool = False, generator: torch.Generator | None = None):
         self.sampling = sampling
         self.generator = generator
 
-    def propose(self, batch, src, policy, ctx, max_depth, process, prefix_of):
+    def propose(self, batch, src, policy, ctx, max_depth, process, prefix_of, free_depth=None):
         rid, length = batch.rid, batch.length
         # catch the draft up on every committed token it has not seen (the pending one at least)
         count = length - batch.draft_seen

@@ -20,12 +20,15 @@ from adaspec_hf.core.processing import ProcessFn
 class RowBatch:
     """The running rows: target and draft caches plus, per row, its key, committed length and how
     many committed tokens the draft cache has seen. ``length`` counts real tokens (prompt and
-    generated) including the *pending* one: the last emitted token, not yet fed to the target."""
+    generated) including the *pending* one: the last emitted token, not yet fed to the target.
+    ``draft=None``: no draft model (prompt lookup alone); ``dkv`` is then None."""
 
-    def __init__(self, target: PreTrainedModel, draft: PreTrainedModel):
-        self.tkv, self.dkv = KVState(target), KVState(draft)
-        self.draft_device = self.dkv.device  # where it computes (accelerate disk offload: not .device)
+    def __init__(self, target: PreTrainedModel, draft: PreTrainedModel | None):
+        self.tkv = KVState(target)
+        self.dkv = KVState(draft) if draft is not None else None
         dev = self.tkv.device
+        # where the draft computes (accelerate disk offload: not .device)
+        self.draft_device = self.dkv.device if self.dkv is not None else dev
         self.rid = torch.zeros(0, dtype=torch.long, device=dev)
         self.length = torch.zeros(0, dtype=torch.long, device=dev)
         self.draft_seen = torch.zeros(0, dtype=torch.long, device=dev)
@@ -39,8 +42,9 @@ class RowBatch:
         """Prefill both caches with left-padded prompts; return the target's last logits (B, V) float32.
         The caller commits the first token (``length`` already counts it as pending)."""
         logits = self.tkv.prefill(input_ids, attention_mask, token_type_ids).float()
-        dtt = None if token_type_ids is None else token_type_ids.to(self.draft_device)
-        self.dkv.prefill(input_ids.to(self.draft_device), attention_mask.to(self.draft_device), dtt)
+        if self.dkv is not None:
+            dtt = None if token_type_ids is None else token_type_ids.to(self.draft_device)
+            self.dkv.prefill(input_ids.to(self.draft_device), attention_mask.to(self.draft_device), dtt)
         real = attention_mask.sum(1).to(self.rid.device)
         self.rid = rid.to(self.rid.device)
         self.draft_seen = real.clone()
@@ -51,24 +55,28 @@ class RowBatch:
         """Keep only rows ``idx`` (others leave the batch and stop costing compute)."""
         self.rid, self.length, self.draft_seen = self.rid[idx], self.length[idx], self.draft_seen[idx]
         self.tkv.select_rows(idx)
-        self.dkv.select_rows(idx.to(self.draft_device))
+        if self.dkv is not None:
+            self.dkv.select_rows(idx.to(self.draft_device))
 
     def extend(self, other: "RowBatch") -> None:
         """Append another batch's rows (continuous batching; caches are left-padded to align)."""
         self.tkv.append_rows(other.tkv)
-        self.dkv.append_rows(other.dkv)
+        if self.dkv is not None:
+            self.dkv.append_rows(other.dkv)
         self.rid = torch.cat([self.rid, other.rid])
         self.length = torch.cat([self.length, other.length])
         self.draft_seen = torch.cat([self.draft_seen, other.draft_seen])
 
     def maybe_compact(self, threshold: float) -> None:
         self.tkv.maybe_compact(threshold)
-        self.dkv.maybe_compact(threshold)
+        if self.dkv is not None:
+            self.dkv.maybe_compact(threshold)
 
     def force_compact(self) -> None:
         """Compact both caches now (holes and left padding go), e.g. to stay within a slot bound."""
         self.tkv.compact()
-        self.dkv.compact()
+        if self.dkv is not None:
+            self.dkv.compact()
 
     @property
     def cached_slots(self) -> int:
@@ -91,13 +99,14 @@ class RowBatch:
 
     def _checkpoint(self) -> tuple:
         own = {k: v for k, v in self.__dict__.items() if k not in ("tkv", "dkv")}
-        return own, self.tkv.checkpoint(), self.dkv.checkpoint()
+        return own, self.tkv.checkpoint(), None if self.dkv is None else self.dkv.checkpoint()
 
     def _restore(self, saved: tuple) -> None:
         own, t, d = saved
         self.__dict__.update(own)
         self.tkv.restore(t)
-        self.dkv.restore(d)
+        if self.dkv is not None:
+            self.dkv.restore(d)
 
 
 # (rows (M,), paths (M, D), depths (M,) or None) -> [(row key, full token prefix)] for processors

@@ -98,14 +98,18 @@ class SpecStep:
                           step=step, row_ids=rid)
         max_depth = self.policy.max_depth(ctx).to(dev).clamp(min=0)
         max_depth = torch.minimum(max_depth, remaining - 1).clamp(min=0)
+        free_levels = int(getattr(self.proposer, "free_depth", 0))  # optional in the protocol: 0 if absent
+        free = torch.minimum(torch.full_like(max_depth, free_levels), remaining - 1).clamp(min=0)
         if max_depth_cap is not None:
             max_depth = max_depth.clamp(max=max(int(max_depth_cap), 0))
+            free = free.clamp(max=max(int(max_depth_cap), 0))
         prefix_of = src.prefix_fn(rid)
         process = src.process_fn(rid)
         tree = DraftTree.empty(bsz, dev)
-        if bool((max_depth > 0).any()):
+        if bool((max_depth > 0).any()) or bool((free > 0).any()):
+            extra = {"free_depth": free} if free_levels else {}  # proposers without free levels need not take it
             tree = self.proposer.propose(batch, src, self.policy, ctx, max_depth, process or identity_process,
-                                         prefix_of)
+                                         prefix_of, **extra)
             keep_nodes = self.policy.select(tree, ctx)
             if tree.width and max_nodes is not None:
                 # nodes are packed in topological order per row: a prefix keeps every ancestor

@@ -21,6 +21,7 @@ class DraftTree:
     sampled: torch.Tensor  # (B, N) bool; drawn from ``q`` (else chosen deterministically)
     q: torch.Tensor | None = None  # (B, N, V) distribution a sampled node was drawn from
     draft_slot: torch.Tensor | None = None  # (B, N) long; draft-cache slot of a fed node, -1 if none
+    lookup: torch.Tensor | None = None  # (B, N) bool; proposed by prompt lookup (else by the draft model)
 
     @staticmethod
     def empty(batch: int, device: torch.device | str = "cpu") -> "DraftTree":
@@ -137,4 +138,5 @@ class DraftTree:
             tokens=g(self.tokens, 0), parents=par_new.masked_fill(~valid, -1),
             depth=g(self.depth, 0), valid=valid, draft_prob=g(self.draft_prob, 0.0),
             sampled=g(self.sampled, False), q=g(self.q, 0.0), draft_slot=g(self.draft_slot, -1),
+            lookup=g(self.lookup, False),
         )

@@ -188,7 +188,9 @@ class LatencyModel:
         self.tables: dict[str, LatencyTable] = {}
         self._overhead = 0.0
         if profile is not None:
-            self.tables = {"target": LatencyTable(profile.target), "draft": LatencyTable(profile.draft)}
+            self.tables = {"target": LatencyTable(profile.target)}
+            if len(profile.draft):  # none: no draft model (prompt lookup), drafting costs no forward
+                self.tables["draft"] = LatencyTable(profile.draft)
             self._overhead = float(profile.overhead)
         self._log_ratio = {"target": 0.0, "draft": 0.0}
         self._overhead_obs: float | None = None
@@ -205,7 +207,9 @@ class LatencyModel:
         return math.exp(self._log_ratio[which])
 
     def base_time(self, which: str, rows: float, tokens_per_row: float, context: float) -> float:
-        """Prediction from the profile alone (no online correction)."""
+        """Prediction from the profile alone (no online correction); 0 for a draft that is not there."""
+        if which == "draft" and "draft" not in self.tables and self.profile is not None:
+            return 0.0
         return self.tables[which].predict(rows, tokens_per_row, context)
 
     def target_time(self, rows: float, tokens_per_row: float, context: float) -> float:

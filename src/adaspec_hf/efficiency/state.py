@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from adaspec_hf.efficiency.acceptance import AcceptanceModel
 from adaspec_hf.efficiency.latency import LatencyModel
 
@@ -39,10 +41,31 @@ class ObservedCosts:
 
 @dataclass
 class ModeState:
-    """Acceptance knowledge for one decoding mode (greedy or sampling)."""
+    """Acceptance knowledge for one decoding mode (greedy or sampling): one calibration per kind of
+    proposer, since a prompt-lookup confidence and a draft model's probability of the same value
+    are not accepted equally often (``lookup`` marks prompt-lookup nodes)."""
 
     acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
     running_rate: float | None = None  # the pair's acceptance rate of drafted nodes (None: not seen yet)
+    lookup: AcceptanceModel = field(default_factory=AcceptanceModel)
+
+    def predict(self, draft_prob: torch.Tensor, depth: torch.Tensor,
+                lookup: torch.Tensor | None = None) -> torch.Tensor:
+        pred = self.acceptance.predict(draft_prob, depth)
+        if lookup is None or not bool(lookup.any()):
+            return pred
+        other = self.lookup.predict(draft_prob, depth).to(pred.device, pred.dtype)
+        return torch.where(lookup.to(pred.device), other, pred)
+
+    def update(self, draft_prob: torch.Tensor, depth: torch.Tensor, outcome: torch.Tensor,
+               lookup: torch.Tensor | None = None) -> None:
+        """Fold verified nodes (1-D tensors) into their own kind's calibration."""
+        if lookup is None or not bool(lookup.any()):
+            self.acceptance.update(draft_prob, depth, outcome)
+            return
+        for model, keep in ((self.acceptance, ~lookup), (self.lookup, lookup)):
+            if bool(keep.any()):
+                model.update(draft_prob[keep], depth[keep], outcome[keep])
 
 
 @dataclass

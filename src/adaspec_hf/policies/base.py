@@ -18,7 +18,8 @@ class DraftPolicy:
 
     What owners of a step (``generate``, the serving engine, benchmarks) may read, declared here so
     that none of them needs ``getattr`` or type switches: :attr:`name`, :attr:`max_children`,
-    :attr:`needs_profile`, :attr:`predicted_time`, :attr:`latency`, :meth:`forget`, :meth:`reset`.
+    :attr:`needs_profile`, :attr:`trims`, :attr:`predicted_time`, :attr:`latency`, :meth:`forget`,
+    :meth:`reset`.
     """
 
     name = "base"
@@ -26,6 +27,7 @@ class DraftPolicy:
     needs_profile = False  # True: built from a latency profile of the pair (the registry loads it)
     predicted_time: float | None = None  # the policy's predicted seconds for the step it just planned
     latency = None  # the LatencyModel it plans with, if any (the engine's admission control reuses it)
+    trims = False  # select() keeps the goodput-best part of a tree (so free prompt-lookup levels are worth offering)
 
     def max_depth(self, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
@@ -40,6 +42,11 @@ class DraftPolicy:
     def select(self, tree: DraftTree, ctx: StepContext) -> torch.Tensor:
         """Nodes to verify (B, N) bool; must be closed under ancestors. Default: all."""
         return tree.valid
+
+    def node_values(self, tree: DraftTree) -> torch.Tensor:
+        """(B, N) the policy's predicted probability that each node's whole root path is accepted,
+        for the step being planned. Default: the proposer's own path probability."""
+        return tree.path_prob()
 
     def observe(self, outcome: StepOutcome) -> None:
         pass

@@ -19,22 +19,32 @@ from adaspec_hf.policies.slo import SLOPlanner
 from adaspec_hf.profiling import load_or_profile
 
 _STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TARGET_ONLY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # target -> state without a draft
 PLANNERS = {"adaptive": AdaptivePlanner, "smartspec": SmartSpec, "slo": SLOPlanner}
 
 
 def pair_state(target, draft, config: AdaptiveConfig | None = None) -> PairState:
     """The shared :class:`PairState` of ``(target, draft)``, profiling the pair on first use (the
-    profile itself is cached on disk, keyed by both models and this machine)."""
+    profile itself is cached on disk, keyed by both models and this machine). ``draft=None``: the
+    target alone, drafting by prompt lookup (its profile times no draft forward)."""
+    if draft is None:
+        state = _TARGET_ONLY.get(target)
+        if state is None:
+            state = _TARGET_ONLY[target] = _new_state(target, None, config)
+        return state
     per_target = _STATES.get(target)
     if per_target is None:
         per_target = _STATES[target] = weakref.WeakKeyDictionary()
     state = per_target.get(draft)
     if state is None:
-        cfg = config if config is not None else AdaptiveConfig()
-        profile = load_or_profile(target, draft, quick=True)
-        state = per_target[draft] = PairState(LatencyModel(profile),
-                                              ObservedCosts(ema=cfg.cost_ema, confirm=cfg.cost_confirm))
+        state = per_target[draft] = _new_state(target, draft, config)
     return state
+
+
+def _new_state(target, draft, config: AdaptiveConfig | None) -> PairState:
+    cfg = config if config is not None else AdaptiveConfig()
+    profile = load_or_profile(target, draft, quick=True)
+    return PairState(LatencyModel(profile), ObservedCosts(ema=cfg.cost_ema, confirm=cfg.cost_confirm))
 
 
 def fresh_state(target, draft, config: AdaptiveConfig | None = None) -> PairState:

@@ -65,6 +65,7 @@ class AdaptivePlanner(DraftPolicy):
     """Goodput-maximising draft policy (chains by default; ``tree=True`` for token trees)."""
 
     needs_profile = True
+    trims = True
 
     def __init__(self, latency: LatencyModel, acceptance: AcceptanceModel | None = None, *, tree: bool = False,
                  config: AdaptiveConfig | None = None, observed: ObservedCosts | None = None,
@@ -178,7 +179,8 @@ class AdaptivePlanner(DraftPolicy):
                                 dtype=torch.float32)
         parents = torch.where(tree.valid, tree.parents, -2 - torch.arange(tree.width, device=tree.parents.device))
         acc = self._acceptance(tree.draft_prob.float(), tree.depth.clamp(min=1),
-                               alpha.to(tree.draft_prob.device)[:, None].expand_as(tree.draft_prob), parents)
+                               alpha.to(tree.draft_prob.device)[:, None].expand_as(tree.draft_prob), parents,
+                               tree.lookup)
         acc = acc.clamp(1e-6, 1.0)
         logp = torch.log(acc).masked_fill(~tree.valid, 0.0)
         anc = tree.ancestors().float()
@@ -200,13 +202,13 @@ class AdaptivePlanner(DraftPolicy):
         return min(max(acc / max(pred, 1e-6), lo), hi)
 
     def _acceptance(self, draft_prob: torch.Tensor, depth: torch.Tensor, row_alpha: torch.Tensor,
-                    parent: torch.Tensor) -> torch.Tensor:
+                    parent: torch.Tensor, lookup: torch.Tensor | None = None) -> torch.Tensor:
         """Calibrated acceptance. Each node's *top* child is the calibration scaled by its row's
         factor (:meth:`_row_scale`), and until the calibration has data it leans on the row's
         running acceptance rate (a high-entropy draft whose argmax agrees would otherwise never be
         tried); lower-ranked siblings keep the calibrated estimate, since at most one sibling can
         be accepted."""
-        pred = self.acceptance.predict(draft_prob, depth).to(draft_prob.device)
+        pred = self.mode.predict(draft_prob, depth, lookup).to(draft_prob.device)
         scale = self._step.row_scale if self._step is not None and self._step.row_scale is not None else None
         scale = torch.ones(pred.shape[0]) if scale is None else torch.from_numpy(scale)
         row_pred = (pred * scale.to(pred.device, pred.dtype)[:, None]).clamp(0.0, 1.0)
@@ -336,7 +338,9 @@ class AdaptivePlanner(DraftPolicy):
         """Final budget over everything drafted: per-row top-N connected subtrees, N by goodput."""
         st = self._step
         if tree.width == 0 or st is None or self._probing:
-            return tree.valid  # a probe is verified as drafted, to measure it
+            # a probe is verified as drafted (to measure it), down to its own length: free
+            # prompt-lookup levels beyond it are not part of the probe
+            return tree.valid & (tree.depth <= st.probe) if self._probing else tree.valid
         if not self.tree:
             keep = self._select_chain(tree)
             if keep is not None:
@@ -345,6 +349,9 @@ class AdaptivePlanner(DraftPolicy):
         keep, _, t = goodput_budget(tree, values, torch.as_tensor(st.verify), self._spent())
         self.predicted_time = t
         return keep
+
+    def node_values(self, tree: DraftTree) -> torch.Tensor:
+        return self._calibrated_path(tree) if self._step is not None else DraftPolicy.node_values(self, tree)
 
     # ------------------------------------------------------------------- learning
     def observe(self, outcome: StepOutcome) -> None:
@@ -358,11 +365,11 @@ class AdaptivePlanner(DraftPolicy):
             target = outcome.accept_prob if outcome.accept_prob.dtype.is_floating_point else outcome.accepted.float()
             if bool(tested.any()):
                 # what the calibration predicted for the tested nodes, before it learns from them
-                predicted = (self.acceptance.predict(tree.draft_prob.float(), tree.depth.clamp(min=1)).cpu()
+                predicted = (self.mode.predict(tree.draft_prob.float(), tree.depth.clamp(min=1), tree.lookup).cpu()
                              * tested.cpu()).sum(1).tolist()
                 got = (target.float().cpu() * tested.cpu()).sum(1).tolist()
-                self.acceptance.update(tree.draft_prob[tested].float(), tree.depth[tested],
-                                       target[tested].float())
+                self.mode.update(tree.draft_prob[tested].float(), tree.depth[tested], target[tested].float(),
+                                 None if tree.lookup is None else tree.lookup[tested])
             else:
                 predicted = got = [0.0] * tree.batch
             # per-row acceptance rate of tried nodes (for chains: the geometric MLE)

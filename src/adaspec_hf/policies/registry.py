@@ -75,8 +75,11 @@ def make_policy(spec: "str | DraftPolicy | AdaptiveConfig | None" = None, target
     if not isinstance(spec, str):
         raise TypeError(f"draft_policy must be a name, an AdaptiveConfig or a DraftPolicy, got {type(spec).__name__}")
     entry, match = lookup(spec)
-    if entry.needs_profile and (target is None or draft is None):
-        raise ValueError(f"draft_policy={spec!r} needs both models (it profiles their latency)")
+    if entry.needs_profile and target is None:
+        raise ValueError(f"draft_policy={spec!r} needs the target model (it profiles its latency)")
+    if entry.needs_profile and draft is None and not config.prompt_lookup:
+        raise ValueError(f"draft_policy={spec!r} needs a draft model (it profiles the pair's latency), "
+                         "or prompt_lookup=True to draft by prompt lookup alone")
     return entry.factory(match, target, draft, config, bool(sampling), bool(fresh))
 
 

@@ -24,6 +24,7 @@ class SmartSpec(AdaptivePlanner):
     """
 
     SMARTSPEC_DEPTH = 8  # its longest chain (the planners' default depth cap is for per-token decisions)
+    trims = False  # it verifies its uniform k as drafted
 
     def __init__(self, latency: LatencyModel, acceptance: AcceptanceModel | None = None, *,
                  config: AdaptiveConfig | None = None, observed: ObservedCosts | None = None,

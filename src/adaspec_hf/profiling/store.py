@@ -75,6 +75,8 @@ class Profile:
         return cls.from_json(Path(path).read_text())
 
 
+NO_DRAFT = "no-draft"  # the draft name in the key of a target-only profile (prompt lookup)
+
 def cache_dir() -> Path:
     """``$ADASPEC_HF_CACHE`` or ``~/.cache/adaspec_hf``."""
     env = os.environ.get("ADASPEC_HF_CACHE")
@@ -117,12 +119,23 @@ def _attn_impl(model: torch.nn.Module) -> str:
     return str(getattr(model.config, "_attn_implementation", None) or "")
 
 
-def profile_key(target: torch.nn.Module, draft: torch.nn.Module) -> dict[str, Any]:
-    """Everything a latency profile depends on. A profile is used only if its key is equal."""
+def profile_key(target: torch.nn.Module, draft: torch.nn.Module | None) -> dict[str, Any]:
+    """Everything a latency profile depends on. A profile is used only if its key is equal.
+    ``draft=None``: the target alone (drafting by prompt lookup)."""
     import transformers
 
 
-    tp, dp = next(target.parameters()), next(draft.parameters())
+    tp = next(target.parameters())
+    if draft is None:  # prompt lookup alone: the target's profile, no draft forwards to time
+        return {
+            "format": PROFILE_FORMAT, "target": _model_name(target), "target_config": config_hash(target),
+            "target_dtype": str(tp.dtype).replace("torch.", ""), "target_attn": _attn_impl(target),
+            "draft": NO_DRAFT, "draft_config": "", "draft_dtype": "", "draft_attn": "",
+            "device": str(tp.device.type), "draft_device": "", "device_name": device_name(tp.device),
+            "torch": torch.__version__, "transformers": transformers.__version__, "adaspec_hf": __version__,
+            "threads": torch.get_num_threads(),
+        }
+    dp = next(draft.parameters())
     return {
         "format": PROFILE_FORMAT,
         "target": _model_name(target),
@@ -173,7 +186,7 @@ def save_profile(prof: Profile, path: str | os.PathLike | None = None) -> Path:
 
 
 def load_profile(
-    target: torch.nn.Module, draft: torch.nn.Module, *, path: str | os.PathLike | None = None
+    target: torch.nn.Module, draft: torch.nn.Module | None, *, path: str | os.PathLike | None = None
 ) -> Profile | None:
     """The cached profile for exactly this pair and setup, or None.
 

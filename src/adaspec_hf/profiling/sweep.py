@@ -106,7 +106,7 @@ def _grid(rows: Iterable[int], tokens: Iterable[int], contexts: Iterable[int], c
 
 def profile(
     target: torch.nn.Module,
-    draft: torch.nn.Module,
+    draft: torch.nn.Module | None,
     *,
     rows: Sequence[int] = DEFAULT_ROWS,
     tokens: Sequence[int] = DEFAULT_TOKENS,
@@ -144,7 +144,7 @@ def profile(
         max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS
 
     # Clamp contexts that would run past an absolute-position model's table (e.g. GPT-2's 1024).
-    limits = [m for m in (max_positions(target), max_positions(draft)) if m]
+    limits = [m for m in (max_positions(target), max_positions(draft) if draft is not None else None) if m]
     limit = min(limits) if limits else None
     max_tok = max(max(tokens), max(draft_tokens))
     ctxs = sorted(set(int(c) for c in contexts))
@@ -155,9 +155,11 @@ def profile(
 
     plan: dict[str, list[Point]] = {
         "target": _grid(rows, tokens, ctxs, max_batch_tokens),
-        "draft": _grid(rows, draft_tokens, ctxs, max_batch_tokens),
+        "draft": _grid(rows, draft_tokens, ctxs, max_batch_tokens) if draft is not None else [],
     }
-    timers = {"target": ModelTimer(target, repeats, seed), "draft": ModelTimer(draft, repeats, seed + 1)}
+    timers = {"target": ModelTimer(target, repeats, seed)}
+    if draft is not None:  # None: prompt lookup alone, no draft forwards to time
+        timers["draft"] = ModelTimer(draft, repeats, seed + 1)
     groups: dict[tuple[int, int], list[tuple[str, int]]] = {}
     for which, pts in plan.items():
         for r, t, c in pts:
@@ -228,7 +230,7 @@ def profile(
 _logged_quick: set[str] = set()
 
 
-def load_or_profile(target: torch.nn.Module, draft: torch.nn.Module, *, quick: bool = True,
+def load_or_profile(target: torch.nn.Module, draft: torch.nn.Module | None, *, quick: bool = True,
                     overhead_fn: Callable[[], float] | None = None, progress: bool = False) -> Profile:
     """The cached profile for this setup, or a new one (quick by default, a few seconds), saved."""
     prof = load_profile(target, draft)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from adaspec_hf.core import NO_TOKEN_MESSAGE, GenerationStats, RowBatch, SpecStep
+from adaspec_hf.core import NO_TOKEN_MESSAGE, GenerationStats, Proposer, RowBatch, SpecStep
 from adaspec_hf.core.verify import NO_TOKEN, inverse_cdf, position_uniform
 from adaspec_hf.policies import DraftPolicy
 from adaspec_hf.serving import requests
@@ -40,6 +40,11 @@ class Prefilled:
     prefill_s: float | None = None
 
 
+def _draft_length(batch: RowBatch) -> int:
+    """Draft-cache slots per row (0 without a draft model: prompt lookup alone)."""
+    return batch.dkv.length if batch.dkv is not None else 0
+
+
 def free_memory(device: torch.device) -> None:
     """After an allocation failure: hand cached accelerator blocks back before a retry."""
     if device.type == "cuda":
@@ -49,9 +54,9 @@ def free_memory(device: torch.device) -> None:
 class RunningBatch:
     """The requests in the batch (``running``, by id), their caches (``batch``) and the step."""
 
-    def __init__(self, target: PreTrainedModel, draft: PreTrainedModel, tokenizer, policy: DraftPolicy, *,
+    def __init__(self, target: PreTrainedModel, draft: PreTrainedModel | None, tokenizer, policy: DraftPolicy, *,
                  stats: GenerationStats, generator: torch.Generator, max_cached_tokens: int | None,
-                 compaction_threshold: float):
+                 compaction_threshold: float, proposer: Proposer | None = None):
         self.target, self.draft, self.tokenizer, self.policy = target, draft, tokenizer, policy
         # tokenizers that clean up spaces rewrite the end of a partial decode: stream only what settled
         self.cleans_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
@@ -61,7 +66,7 @@ class RunningBatch:
         self.running: dict[int, Request] = {}
         self.batch = RowBatch(target, draft)
         self.view = RequestRows(self)
-        self.stepper = SpecStep(policy, draft_sampling=False, generator=generator)
+        self.stepper = SpecStep(policy, proposer=proposer, draft_sampling=False, generator=generator)
         self.step_no = 0
         self.step_ema = 0.0
         self.tokens_ema = 1.0  # emitted tokens per row per step
@@ -145,7 +150,7 @@ class RunningBatch:
                 with self.batch.atomic():
                     if self.max_cached_tokens is not None:
                         rows, width = self.batch.rows + 1, max(self.batch.tkv.length, rb.tkv.length)
-                        if rows * max(width, self.batch.dkv.length, rb.dkv.length) > self.max_cached_tokens:
+                        if rows * max(width, _draft_length(self.batch), _draft_length(rb)) > self.max_cached_tokens:
                             self.batch.force_compact()  # holes and padding out before the merge
                     self.batch.extend(rb)
             else:
@@ -217,16 +222,16 @@ class RunningBatch:
         room = bound // batch.rows
         width = max(1, int(self.policy.max_children))
         # draft: catch-up on unseen committed tokens, then up to `width` fed nodes per level
-        catch_up = int((batch.length - batch.draft_seen).max())
+        catch_up = int((batch.length - batch.draft_seen).max()) if batch.dkv is not None else 0
         need_t = batch.tkv.length + 1
-        need_d = batch.dkv.length + catch_up + width
+        need_d = _draft_length(batch) + catch_up + width
         if need_t > room or need_d > room:
             self._compact(force=True)
             need_t = batch.tkv.length + 1
         nodes = room - need_t
         if nodes < 0:
             raise RuntimeError(f"max_cached_tokens={bound}: {batch.rows} rows x {need_t} slots do not fit")
-        levels = (room - batch.dkv.length - catch_up) // width
+        levels = (room - _draft_length(batch) - catch_up) // width
         return {"max_nodes": nodes, "max_depth_cap": max(0, min(nodes, levels))}
 
     def _compact(self, force: bool) -> None:

@@ -29,7 +29,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
 
 from adaspec_hf.config import EngineConfig
-from adaspec_hf.core import GenerationStats, draw_keys
+from adaspec_hf.core import GenerationStats, build_proposer, draw_keys
 from adaspec_hf.core.architecture import check_cache_support
 from adaspec_hf.efficiency.latency import LatencyModel
 from adaspec_hf.core.vocab import check_vocab
@@ -84,7 +84,7 @@ class Engine:
 
     ``config``: an :class:`~adaspec_hf.config.EngineConfig` (defaults: ``policy="slo"``, 8 rows, no
     cache bound). ``policy``, ``max_rows``, ``max_cached_tokens``, ``compaction_threshold``,
-    ``seed`` and ``best_effort_wait_s`` are shorthands for its fields (one given both ways with two
+    ``seed``, ``best_effort_wait_s`` and ``prompt_lookup`` are shorthands for its fields (one given both ways with two
     values is an error); ``policy`` may also be a ready :class:`~adaspec_hf.policies.DraftPolicy`.
     ``max_cached_tokens`` bounds each model's KV cache slots (rows x cache length, left padding and
     holes included) at every forward: a request joins only while rows x the longest request
@@ -93,19 +93,22 @@ class Engine:
     sampling keys, drawn in submission order (see :meth:`submit`). ``latency``: a
     :class:`~adaspec_hf.efficiency.latency.LatencyModel` for admission decisions (default: the
     policy's, if it has one). The settings that ran are ``engine.config`` and in :meth:`summary`.
+    ``draft=None`` with ``prompt_lookup=True``: requests are drafted by prompt lookup alone.
     """
 
-    def __init__(self, target: PreTrainedModel, draft: PreTrainedModel, tokenizer=None,
+    def __init__(self, target: PreTrainedModel, draft: PreTrainedModel | None, tokenizer=None,
                  policy: "str | DraftPolicy | None" = None, *, config: EngineConfig | None = None,
                  max_rows: int | None = None, max_cached_tokens: int | None = None,
                  compaction_threshold: float | None = None, seed: int | None = None,
-                 latency: LatencyModel | None = None, best_effort_wait_s: float | None = None, start: bool = True):
+                 latency: LatencyModel | None = None, best_effort_wait_s: float | None = None,
+                 prompt_lookup: bool | None = None, start: bool = True):
         check_cache_support(target)
-        check_cache_support(draft)
-        check_vocab(target, draft)
+        if draft is not None:
+            check_cache_support(draft)
+            check_vocab(target, draft)
         cfg = engine_config(config, policy, max_rows=max_rows, max_cached_tokens=max_cached_tokens,
                             compaction_threshold=compaction_threshold, seed=seed,
-                            best_effort_wait_s=best_effort_wait_s)
+                            best_effort_wait_s=best_effort_wait_s, prompt_lookup=prompt_lookup)
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self._released = False
         self.policy = make_policy(policy if isinstance(policy, DraftPolicy) else cfg.policy, target, draft,
@@ -113,6 +116,7 @@ class Engine:
         claim_policy(self.policy, self)  # before reset(): never disturb another engine's policy
         self.policy.reset()
         self.config = recorded(cfg, self.policy)
+        self.proposer = build_proposer(cfg.adaptive, self.policy, has_draft=draft is not None)
         self.max_rows, self.max_cached_tokens = cfg.max_rows, cfg.max_cached_tokens
         self.device = target.device
         self.generator = torch.Generator(device=self.device)
@@ -128,7 +132,7 @@ class Engine:
         self._admission = Admission(latency if latency is not None else self.policy.latency, cfg.best_effort_wait_s,
                                     cfg.max_rows, cfg.max_cached_tokens)
         self._batch = RunningBatch(target, draft, tokenizer, self.policy, stats=self.stats, generator=self.generator,
-                                   max_cached_tokens=cfg.max_cached_tokens,
+                                   proposer=self.proposer, max_cached_tokens=cfg.max_cached_tokens,
                                    compaction_threshold=cfg.adaptive.compaction_threshold)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()

@@ -38,12 +38,12 @@ def _lru_put(cache: OrderedDict, key, value, size: int) -> None:
 class Intake:
     """Validates requests and builds them; holds the processor and commit-rule caches."""
 
-    def __init__(self, target: PreTrainedModel, draft: PreTrainedModel, tokenizer, *,
+    def __init__(self, target: PreTrainedModel, draft: PreTrainedModel | None, tokenizer, *,
                  max_cached_tokens: int | None):
         self.target, self.tokenizer = target, tokenizer
         self.device = target.device
         self.vocab_size = int(target.config.vocab_size)
-        limits = [m for m in (max_positions(target), max_positions(draft)) if m]
+        limits = [m for m in (max_positions(target), max_positions(draft) if draft is not None else None) if m]
         self.max_positions = min(limits) if limits else None
         self.max_cached_tokens = max_cached_tokens
         self.proc_cache: OrderedDict[tuple, Processing | None] = OrderedDict()

@@ -10,7 +10,8 @@ from adaspec_hf.policies import DraftPolicy
 
 # Engine keyword -> where it lives in the config ("adaptive." = the AdaptiveConfig inside)
 SHORTHANDS = {"max_rows": "max_rows", "max_cached_tokens": "max_cached_tokens", "seed": "seed",
-              "best_effort_wait_s": "best_effort_wait_s", "compaction_threshold": "adaptive.compaction_threshold"}
+              "best_effort_wait_s": "best_effort_wait_s", "compaction_threshold": "adaptive.compaction_threshold",
+              "prompt_lookup": "adaptive.prompt_lookup"}
 
 
 def _get(cfg: EngineConfig, path: str) -> Any:

@@ -29,12 +29,12 @@ from adaspec_hf.compat import (
     new_cache, output_cache, prepare_generated_length, prepare_generation_config,
 )
 from adaspec_hf.config import AdaptiveConfig
-from adaspec_hf.core import SpeculativeDecoder
+from adaspec_hf.core import SpeculativeDecoder, build_proposer
 from adaspec_hf.core.architecture import check_cache_support
 from adaspec_hf.core.processing import Processing
 from adaspec_hf.integrations.hf.candidate import AdaptiveCandidateGenerator, generate_with_candidate_generator
 from adaspec_hf.integrations.hf.options import GENERATE_ARGUMENTS, check_model_kwargs, check_options
-from adaspec_hf.integrations.hf.settings import OWN_ENTRIES, choose_policy
+from adaspec_hf.integrations.hf.settings import OWN_ENTRIES, choose_policy, lookup_settings
 from adaspec_hf.core.vocab import check_vocab
 from adaspec_hf.policies import DraftPolicy
 
@@ -134,6 +134,7 @@ def adaptive_generate(
     *,
     draft_policy: str | DraftPolicy | None = None,
     adaptive_config: AdaptiveConfig | dict[str, Any] | str | None = None,
+    prompt_lookup: bool | None = None,
     tokenizer=None,
     assistant_tokenizer=None,
     **kwargs: Any,
@@ -152,17 +153,23 @@ def adaptive_generate(
     in ``model.adaspec_stats`` (:class:`~adaspec_hf.core.GenerationStats`), the AdaptiveConfig it
     ran under in ``model.adaspec_config`` (None when a ready DraftPolicy or HF's draft-length
     settings chose the policy).
+
+    ``prompt_lookup=True`` also drafts by prompt lookup (n-grams of each row's own text, no forward):
+    alone when ``assistant_model`` is None, else merged with the draft model's tree, the policy
+    verifying what pays (see :mod:`adaspec_hf.core.lookup`). HF's ``prompt_lookup_num_tokens=N``
+    means the same with ``draft_policy="static-N"``.
     """
-    if assistant_model is None:
-        raise ValueError("adaptive=True needs a draft model: pass assistant_model=draft")
     for name, value in (("synced_gpus", synced_gpus), ("negative_prompt_ids", negative_prompt_ids),
                         ("negative_prompt_attention_mask", negative_prompt_attention_mask)):
         if value is not None and value is not False:
             raise ValueError(f"adaptive=True does not support `{name}`: {GENERATE_ARGUMENTS[name][1]}")
     kwargs.pop("adaptive", None)  # custom_generate passes the caller's kwargs through
     check_cache_support(model)
-    check_cache_support(assistant_model)
-    check_vocab(model, assistant_model, tokenizer, assistant_tokenizer)
+    if assistant_model is not None:
+        check_cache_support(assistant_model)
+        check_vocab(model, assistant_model, tokenizer, assistant_tokenizer)
+    elif assistant_tokenizer is not None:
+        raise ValueError("assistant_tokenizer= was given without assistant_model=")
     gen_config, model_kwargs = _prepare(model, inputs, generation_config, kwargs)
     input_ids = model_kwargs["input_ids"]
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -205,11 +212,16 @@ def adaptive_generate(
         if tokenizer is None:
             raise ValueError("stop_strings need tokenizer= (as in HF generate)")
         stopping.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=gen_config.stop_strings))
+    if assistant_model is None and not lookup_settings(gen_config, prompt_lookup)[0]:
+        raise ValueError("adaptive=True needs a draft model: pass assistant_model=draft, or prompt_lookup=True "
+                         "to draft by prompt lookup alone")
     choice = choose_policy(gen_config, model, assistant_model, draft_policy=draft_policy,
-                           adaptive_config=adaptive_config)
+                           adaptive_config=adaptive_config, prompt_lookup=prompt_lookup)
     extra: dict[str, Any] = {}
     if choice.config is not None:
         extra["compaction_threshold"] = choice.config.compaction_threshold
+    lookup_cfg = choice.config if choice.config is not None else AdaptiveConfig()
+    extra["proposer"] = build_proposer(lookup_cfg, choice.policy, has_draft=assistant_model is not None)
     decoder = SpeculativeDecoder(
         model, assistant_model, choice.policy, do_sample=bool(gen_config.do_sample), processors=processors,
         eos_token_id=eos, pad_token_id=pad, stopping_criteria=stopping,

@@ -80,9 +80,9 @@ GENERATION_OPTIONS: dict[str, tuple[str, str]] = {
                                        "'heuristic'/'heuristic_transient' -> 'heuristic' starting at K"),
     "num_assistant_tokens_schedule": (HONOURED, "see num_assistant_tokens"),
     "assistant_confidence_threshold": (HONOURED, "-> draft_policy='confidence-T' (at most num_assistant_tokens)"),
-    "prompt_lookup_num_tokens": (REFUSED, "prompt-lookup decoding drafts n-grams from the prompt, not from "
-                                          f"assistant_model; {_NO_ADAPTIVE} (and without assistant_model)"),
-    "max_matching_ngram_size": (REFUSED, f"a prompt-lookup decoding option; {_NO_ADAPTIVE}"),
+    "prompt_lookup_num_tokens": (HONOURED, "-> prompt_lookup=True with draft_policy='static-N' (N lookup tokens "
+                                           "per step, as HF; any batch size, with or without assistant_model)"),
+    "max_matching_ngram_size": (HONOURED, "-> adaptive_config.lookup_max_ngram (the longest n-gram looked up)"),
     "assistant_early_exit": (REFUSED, "self-speculation with the target's early layers; pass a separate draft "
                                       f"model as assistant_model, or {_NO_ADAPTIVE}"),
     "assistant_lookbehind": (REFUSED, "universal assisted generation only (a draft with another tokenizer); "
@@ -134,6 +134,8 @@ GENERATE_ARGUMENTS: dict[str, tuple[str, str]] = {
                                "adaptive_config's policy (both given and different: refused)"),
     "adaptive_config": (HONOURED, "an AdaptiveConfig, its to_dict() or a policy name: the policy and its "
                                   "planner tunables; saved as a dict in GenerationConfig.adaptive_config"),
+    "prompt_lookup": (HONOURED, "True: draft by prompt lookup too (alone without assistant_model); shorthand "
+                                "for adaptive_config.prompt_lookup"),
 }
 """``generate`` arguments and model kwargs besides GenerationConfig options."""
 

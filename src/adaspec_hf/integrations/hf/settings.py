@@ -20,7 +20,7 @@ from adaspec_hf.integrations.hf.options import is_set
 from adaspec_hf.policies import Confidence, DraftPolicy, Heuristic, StaticChain
 from adaspec_hf.policies.registry import make_policy
 
-OWN_ENTRIES = ("adaptive", "draft_policy", "adaptive_config")
+OWN_ENTRIES = ("adaptive", "draft_policy", "adaptive_config", "prompt_lookup")
 """Our own settings, saved in a GenerationConfig as custom entries (HF carries them through)."""
 
 DEFAULT_NUM_ASSISTANT_TOKENS = 20
@@ -35,7 +35,36 @@ def _assistant_setting(name: str, sources: list, defaults: dict[str, Any]) -> An
     return None
 
 
-def policy_from_assistant_settings(gen_config: GenerationConfig, assistant_model: PreTrainedModel) -> DraftPolicy | None:
+def lookup_settings(gen_config: GenerationConfig, prompt_lookup: bool | None) -> tuple[dict[str, Any], int | None]:
+    """Prompt lookup asked for by ``prompt_lookup=`` (else a GenerationConfig's ``prompt_lookup``) or
+    by HF's ``prompt_lookup_num_tokens`` / ``max_matching_ngram_size``: (AdaptiveConfig fields,
+    HF's fixed lookup length N or None)."""
+    defaults = generation_defaults()
+    if prompt_lookup is None:
+        prompt_lookup = getattr(gen_config, "prompt_lookup", None)
+    if prompt_lookup is not None and not isinstance(prompt_lookup, bool):
+        raise ValueError(f"prompt_lookup must be True or False, got {prompt_lookup!r}")
+    n = getattr(gen_config, "prompt_lookup_num_tokens", None)
+    n = n if is_set("prompt_lookup_num_tokens", n, defaults) else None
+    ngram = getattr(gen_config, "max_matching_ngram_size", None)
+    ngram = ngram if is_set("max_matching_ngram_size", ngram, defaults) else None
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"prompt_lookup_num_tokens must be an integer >= 1, got {n!r}")
+    if prompt_lookup is False and n is not None:
+        raise ValueError("prompt_lookup=False conflicts with prompt_lookup_num_tokens: pass one of them")
+    out: dict[str, Any] = {}
+    if prompt_lookup or n is not None:
+        out["prompt_lookup"] = True
+        if ngram is not None:
+            out["lookup_max_ngram"] = int(ngram)
+            out["lookup_min_ngram"] = 1
+    elif ngram is not None:
+        raise ValueError("max_matching_ngram_size is a prompt-lookup option: pass prompt_lookup=True "
+                         "(or prompt_lookup_num_tokens) with it")
+    return out, n
+
+
+def policy_from_assistant_settings(gen_config: GenerationConfig, assistant_model: PreTrainedModel | None) -> DraftPolicy | None:
     """HF's draft-length settings as a draft policy, or None when none is set.
 
     HF reads them from ``assistant_model.generation_config``; set on the call (or its config) they
@@ -108,11 +137,18 @@ def _level_config(draft_policy: Any, adaptive_config: Any, where: str) -> Adapti
     return cfg
 
 
-def choose_policy(gen_config: GenerationConfig, target: PreTrainedModel, assistant_model: PreTrainedModel, *,
-                  draft_policy: Any = None, adaptive_config: Any = None) -> Choice:
+def choose_policy(gen_config: GenerationConfig, target: PreTrainedModel, assistant_model: PreTrainedModel | None, *,
+                  draft_policy: Any = None, adaptive_config: Any = None, prompt_lookup: bool | None = None) -> Choice:
     """The call's policy/config, else the GenerationConfig's, else HF's assistant settings, else
-    the default :class:`AdaptiveConfig` (the adaptive planner)."""
+    the default :class:`AdaptiveConfig` (the adaptive planner); prompt lookup from
+    :func:`lookup_settings` on top (HF's ``prompt_lookup_num_tokens=N`` alone means ``static-N``)."""
+    lookup, lookup_n = lookup_settings(gen_config, prompt_lookup)
     call = _level_config(draft_policy, adaptive_config, "generate()")
+    if lookup_n is not None:
+        if call is not None or getattr(gen_config, "draft_policy", None) is not None:
+            raise ValueError(f"prompt_lookup_num_tokens={lookup_n} sets a fixed lookup length, which conflicts "
+                             "with draft_policy/adaptive_config: pass prompt_lookup=True with the policy instead")
+        call = AdaptiveConfig(policy=f"static-{lookup_n}")
     saved = _level_config(getattr(gen_config, "draft_policy", None), getattr(gen_config, "adaptive_config", None),
                           "generation_config")
     spec = call
@@ -120,7 +156,9 @@ def choose_policy(gen_config: GenerationConfig, target: PreTrainedModel, assista
         spec = AdaptiveConfig.coerce(saved, policy=call.policy)  # the call's policy, the saved tunables
     elif call is None:
         spec = saved
-    from_hf = policy_from_assistant_settings(gen_config, assistant_model)
+    from_hf = policy_from_assistant_settings(gen_config, assistant_model) if assistant_model is not None else None
+    if from_hf is not None and lookup:
+        return Choice(from_hf, AdaptiveConfig(**lookup))  # the config carries the lookup settings only
     if spec is not None and from_hf is not None:
         shown = spec.policy if isinstance(spec, AdaptiveConfig) else type(spec).__name__
         raise ValueError(f"draft_policy={shown!r} conflicts with HF's draft-length settings "
@@ -128,7 +166,8 @@ def choose_policy(gen_config: GenerationConfig, target: PreTrainedModel, assista
                          "others, e.g. assistant_model.generation_config.num_assistant_tokens = None)")
     if from_hf is not None:
         return Choice(from_hf, None)
-    if isinstance(spec, DraftPolicy):
-        return Choice(spec, None)
     cfg = spec if spec is not None else AdaptiveConfig()
+    if isinstance(spec, DraftPolicy):
+        return Choice(spec, AdaptiveConfig(**lookup) if lookup else None)
+    cfg = AdaptiveConfig.coerce(cfg, **lookup)
     return Choice(make_policy(cfg, target, assistant_model, sampling=bool(gen_config.do_sample)), cfg)
