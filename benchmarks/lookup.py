@@ -1,11 +1,15 @@
 """Prompt lookup vs the draft model vs the planner choosing per row, on text that repeats its prompt
 and text that does not (built-in pair, or any pair given).
 
-Workloads, from the pair's held-out prompts (prompt + reference continuation):
-  repeat  "rewrite this code with one change": the snippet (prompt + reference), a comment asking for
-          the same code again, and the snippet's first line; the continuation mostly copies the prompt.
-  novel   the held-out prompts as they are.
-  mix     repeat and novel prompts interleaved (batch 1: one after another; batch 4: two of each per batch).
+Workloads. Candidates: the pair's held-out prompts, and each as a "rewrite this code with one change"
+prompt (the snippet = prompt + reference, a comment asking for the same code again, the snippet's
+first line). Whether a continuation repeats its text is a property of the *target's* output, not of
+the prompt (a tiny LM may not copy what it was shown), so every candidate is first decoded with plain
+greedy generate and scored by its lookup hit rate (the share of generated tokens that a 1-token prompt
+lookup over the text so far predicts exactly); the scores are in the summary.
+  repeat  the candidates with the highest hit rate;
+  novel   those with the lowest;
+  mix     the two interleaved (batch 1: one after another; batch 4: two of each per batch).
 
 Methods, side by side in one run: vanilla generate, HF's prompt lookup (prompt_lookup_num_tokens=10,
 batch 1 only), our prompt lookup alone under the planner (lookup:adaptive) and at HF's fixed length
@@ -21,7 +25,11 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
 from adaspec_hf import enable
+from adaspec_hf.core.lookup import lookup_tree
 from adaspec_hf.machine import is_busy, load_average
 from adaspec_hf.bench.harness import run_benchmark, write_results
 from adaspec_hf.bench.prompts import FALLBACK_TEXTS
@@ -36,15 +44,26 @@ METHODS_BN = ["vanilla", LOOKUP, DRAFT, CHOICE]
 REWRITE = "\n\n# The same code again, with one change:\n"
 
 
-def texts(n: int, from_pair: bool) -> tuple[list[str], list[str]]:
-    """(repeat prompts, novel prompts) as text."""
+def candidates(n: int, from_pair: bool) -> list[str]:
+    """Held-out prompts and their "rewrite" variants, as text."""
     if from_pair:
         ds = load_prompts(None, n=n)
         pairs = list(zip(ds["prompt"], ds["reference"]))
     else:
         pairs = [(t, "") for t in (list(FALLBACK_TEXTS) * n)[:n]]
-    repeat = [p + r + REWRITE + p.splitlines()[0] + "\n" for p, r in pairs]
-    return repeat, [p for p, _ in pairs]
+    return [p for p, _ in pairs] + [p + r + REWRITE + p.splitlines()[0] + "\n" for p, r in pairs]
+
+
+def hit_rate(target, ids: list[int], max_new: int, pad: int, eos) -> float:
+    """Share of the greedy continuation's tokens that a 1-token prompt lookup predicts exactly."""
+    x = torch.tensor([ids])
+    out = target.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
+                          do_sample=False, pad_token_id=pad, eos_token_id=eos)[0]
+    hits = 0
+    for t in range(len(ids), len(out)):
+        tree = lookup_tree(out[None, :t], torch.tensor([t]), torch.tensor([1]))
+        hits += int(tree.width > 0 and int(tree.tokens[0, 0]) == int(out[t]))
+    return hits / max(1, len(out) - len(ids))
 
 
 def main() -> None:
@@ -54,6 +73,7 @@ def main() -> None:
     ap.add_argument("--allow-weak-pair", action="store_true", help="use a built-in pair that missed its gates")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--n-prompts", type=int, default=4, help="prompts per workload")
+    ap.add_argument("--n-candidates", type=int, default=16, help="held-out prompts scored (each also as a rewrite)")
     ap.add_argument("--batch", type=int, default=4, help="batch size of the batched mix run (0: skip it)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results")
@@ -64,16 +84,22 @@ def main() -> None:
         print(f"WARNING: the machine is busy (load average {load}): timings will be disturbed")
     target, draft, tok = load_models(args.target, args.draft, allow_weak_pair=args.allow_weak_pair)
     enable(target)
-    rep_txt, nov_txt = texts(args.n_prompts, args.target is None)
-    enc = lambda ts: [tok(t, add_special_tokens=False)["input_ids"] for t in ts]  # noqa: E731
-    repeat, novel = enc(rep_txt), enc(nov_txt)
+    cands = [tok(t, add_special_tokens=False)["input_ids"] for t in candidates(args.n_candidates, args.target is None)]
+    scores = [hit_rate(target, c, args.max_new_tokens, tok.pad_token_id, tok.eos_token_id)
+              for c in tqdm(cands, desc="scoring candidates by lookup hit rate")]
+    order = sorted(range(len(cands)), key=lambda i: -scores[i])
+    k = min(args.n_prompts, len(cands) // 2)
+    repeat, novel = [cands[i] for i in order[:k]], [cands[i] for i in order[-k:]]
     mixed = [p for pair in zip(repeat, novel) for p in pair]
     common = dict(max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=0,
                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     # one warm-up of every method (takes the latency profiles of the pair and of the target alone)
     run_benchmark("warmup", target, draft, repeat[:1], METHODS_B1, repeats=1, progress=False,
                   max_new_tokens=16, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    summary: dict = {"max_new_tokens": args.max_new_tokens, "n_prompts": args.n_prompts, "load_average_at_start": load}
+    summary: dict = {"max_new_tokens": args.max_new_tokens, "n_prompts": k, "load_average_at_start": load,
+                     "hit_rate": {"repeat": [round(scores[i], 3) for i in order[:k]],
+                                  "novel": [round(scores[i], 3) for i in order[-k:]],
+                                  "all_candidates_mean": round(sum(scores) / len(scores), 3)}}
     runs = [("repeat", repeat, 1, METHODS_B1), ("novel", novel, 1, METHODS_B1), ("mix", mixed, 1, METHODS_B1)]
     if args.batch > 1:
         runs.append((f"mix_batch{args.batch}", mixed, args.batch, METHODS_BN))

@@ -66,10 +66,13 @@ def test_tree_branches_where_continuations_diverge():
     assert torch.equal(tree.compute_depth(), tree.depth)
 
 
-def test_continuation_stops_at_the_committed_text():
+def test_a_loop_is_continued_around_its_period():
     tokens, lengths = _t([[7, 8, 9, 7, 8]])
-    tree = lookup_tree(tokens, lengths, torch.tensor([10]))
-    assert tree.tokens[0].tolist() == [9, 7, 8]
+    tree = lookup_tree(tokens, lengths, torch.tensor([7]))
+    # "7 8" recurs at 0; what followed (9 7 8) runs into the end: the loop 9 7 8 goes on
+    assert tree.tokens[0].tolist() == [9, 7, 8, 9, 7, 8, 9]
+    far = lookup_tree(*_t([[1, 2, 3, 4, 5, 6, 1, 2]]), torch.tensor([3]))
+    assert far.tokens[0].tolist() == [3, 4, 5]  # an older occurrence has its own continuation
 
 
 def test_lookup_options_are_validated():
@@ -310,3 +313,48 @@ def test_profile_of_a_target_alone_times_no_draft():
     prof = profile(target, None, rows=(1,), tokens=(1, 2), contexts=(8,), repeats=1, progress=False)
     assert prof.draft == [] and len(prof.target) == 2 and prof.key["draft"] == "no-draft"
     assert LatencyModel(prof).draft_time(1, 4, 8) == 0.0
+
+
+@pytest.mark.parametrize("policy", ["smartspec", "adaptive-tree", "slo", "heuristic", "confidence"])
+def test_every_policy_runs_with_both_proposers_merged(tmp_path, monkeypatch, policy):
+    monkeypatch.setenv("ADASPEC_HF_CACHE", str(tmp_path))
+    target, draft = pair("llama")
+    ids, mask = repetitive_batch(2, 8)
+    ref = reference(target, ids, mask, 12)
+    out = adaspec_hf.adaptive_generate(target, ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                       pad_token_id=0, eos_token_id=2, assistant_model=draft, prompt_lookup=True,
+                                       draft_policy=policy)
+    assert torch.equal(out, ref)
+
+
+def test_planner_skips_the_draft_where_the_lookup_is_the_better_buy():
+    """Goodput, not a threshold: a row whose lookup expects many tokens skips the draft forwards,
+    a row with nothing to look up keeps them; with every row's lookup strong, no draft runs."""
+    from adaspec_hf.policies import StepContext
+
+    planner = AdaptivePlanner(_lookup_latency(), max_depth=6)
+    planner.latency.tables["draft"] = planner.latency.tables["target"]  # a draft as dear as the target
+    ctx = StepContext(rows=2, context_len=torch.tensor([40, 40]), remaining=torch.tensor([50, 50]), sampling=False,
+                      step=1)
+    planner.max_depth(ctx)
+    strong = torch.tensor([[0.95, 0.9, 0.85, 0.8, 0.75, 0.7], [0.95, 0.9, 0.85, 0.8, 0.75, 0.7]])
+    assert planner.skip_draft(strong, torch.tensor([6, 6])).all()
+    planner = AdaptivePlanner(_lookup_latency(), max_depth=6)
+    planner.max_depth(ctx)  # a cheap draft (no draft table: free forwards)
+    mixed = torch.tensor([[0.95, 0.9, 0.85, 0.8, 0.75, 0.7], [0.0] * 6])
+    assert planner.skip_draft(mixed, torch.tensor([6, 0])).tolist() == [True, False]
+
+
+def test_the_example_runs_offline(tmp_path):
+    """examples/prompt_lookup.py (tiny random models when no pair is built) checks its own outputs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    env = dict(os.environ, ADASPEC_HF_CACHE=str(tmp_path), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "prompt_lookup.py"], cwd=examples, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "lookup alone" in done.stdout and "static-10" in done.stdout

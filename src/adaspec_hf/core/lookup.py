@@ -12,6 +12,8 @@ the parent's supporting occurrences that continue with this token, times ``n / (
 match is weaker evidence than a 3-gram one). Planners calibrate it online with an acceptance model
 of its own (``DraftTree.lookup`` marks the nodes), as they calibrate a draft model's probabilities.
 
+A continuation that reaches the end of the text (a loop) is extended around its period.
+
 The match is vectorised across the batch (one ``unfold`` comparison per ``n``); the tries are built
 per row in Python over at most ``MAX_MATCHES x depth`` tokens.
 """
@@ -81,7 +83,7 @@ def lookup_tree(tokens: torch.Tensor, lengths: torch.Tensor, max_depth: torch.Te
     rows: list[tuple[list[int], list[int], list[float]]] = []
     for r in range(b):
         n, depth = used_l[r], min(int(depth_l[r]), 64)
-        conts = [tok_l[r][s: min(s + depth, len_l[r])] for s in start_l[r] if s >= 0] if n and depth > 0 else []
+        conts = [_continuation(tok_l[r], s, len_l[r], depth) for s in start_l[r] if s >= 0] if n and depth > 0 else []
         rows.append(_trie(conts, n / (n + 1.0), max_children))
     width = max((len(t) for t, _, _ in rows), default=0)
     if width == 0:
@@ -100,6 +102,17 @@ def lookup_tree(tokens: torch.Tensor, lengths: torch.Tensor, max_depth: torch.Te
                      sampled=torch.zeros_like(valid), draft_slot=torch.full_like(tok, -1))
     tree.depth = tree.compute_depth()
     return _with_lookup(tree.to(dev))
+
+
+def _continuation(tokens: list[int], start: int, length: int, depth: int) -> list[int]:
+    """What followed an occurrence, ``depth`` tokens long. A recent occurrence's continuation runs
+    into the end of the text: the text is then repeating with period ``length - start``, so the
+    continuation goes on around that period (a loop's lookup is as deep as the policy allows)."""
+    cont = tokens[start: min(start + depth, length)]
+    period = len(cont)
+    while 0 < period and len(cont) < depth:
+        cont.append(cont[len(cont) - period])
+    return cont
 
 
 def _with_lookup(tree: DraftTree) -> DraftTree:
@@ -199,9 +212,10 @@ def _mark(tree: DraftTree, lookup: torch.Tensor | None) -> DraftTree:
 
 
 LOOKUP_TRUSTED = 0.5
-"""A row whose prompt-lookup chain reaches the step's depth bound with at least this predicted
-probability of being accepted all the way skips the draft model this step: the draft could only add
-alternatives at positions the lookup already covers better than even, at the price of its forwards."""
+"""For policies that predict no draft gain: a row whose prompt-lookup chain reaches the step's depth
+bound with at least this predicted probability of being accepted all the way skips the draft model
+this step (the draft could only add alternatives at positions the lookup covers better than even,
+at the price of its forwards). Planners decide by predicted goodput instead (policies/choice.py)."""
 
 
 class LookupProposer:
@@ -236,8 +250,9 @@ class LookupProposer:
 class CombinedProposer:
     """Prompt lookup and the draft model merged into one tree per row; the policy's ``select``
     then verifies the goodput-best part of it (lookup nodes, draft nodes, both, or none), each kind
-    valued by its own acceptance calibration. The draft model is skipped for rows whose lookup chain
-    is trusted through the whole depth bound (:data:`LOOKUP_TRUSTED`)."""
+    valued by its own acceptance calibration. Before any draft forward the policy says which rows
+    skip the draft model (:meth:`~adaspec_hf.policies.base.DraftPolicy.skip_draft`: planners compare
+    the predicted goodput of lookup alone and of drafting; else :data:`LOOKUP_TRUSTED`)."""
 
     def __init__(self, model: DraftModelProposer, lookup: LookupProposer):
         self.model, self.lookup = model, lookup
@@ -249,8 +264,10 @@ class CombinedProposer:
         model_depth = max_depth
         if extra.width and bool((max_depth > 0).any()):
             values = policy.node_values(extra).to(max_depth.device)
-            deep = (extra.depth >= max_depth[:, None]) & (values >= LOOKUP_TRUSTED)
-            trusted = deep.any(1)
+            trusted = policy.skip_draft(values, extra.n_nodes)
+            if trusted is None:
+                trusted = ((extra.depth >= max_depth[:, None]) & (values >= LOOKUP_TRUSTED)).any(1)
+            trusted = trusted.to(max_depth.device)
             self.skipped_rows += int((trusted & (max_depth > 0)).sum())
             model_depth = torch.where(trusted, 0, max_depth)
         if bool((model_depth > 0).any()):

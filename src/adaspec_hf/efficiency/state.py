@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from adaspec_hf.efficiency.acceptance import AcceptanceModel
@@ -26,6 +27,15 @@ class ObservedCosts:
     def __init__(self, ema: float = DEFAULT_COST_EMA, min_count: int = 1, confirm: int = DEFAULT_COST_CONFIRM):
         self.ema, self.min_count, self.confirm = ema, min_count, confirm
         self.table: dict[tuple[int, int], tuple[float, int]] = {}
+        # per rows: EMA of a drafting step's seconds per draft level (forward + drafter + policy work),
+        # which the profile's bare forwards underestimate several-fold on a CPU
+        self.draft_level: dict[int, float] = {}
+
+    def add_draft(self, rows: int, levels: int, seconds: float) -> None:
+        if levels > 0 and seconds > 0 and math.isfinite(seconds):
+            prev = self.draft_level.get(rows)
+            per = seconds / levels
+            self.draft_level[rows] = per if prev is None else (1 - self.ema) * prev + self.ema * per
 
     def add(self, rows: int, q: int, seconds: float) -> None:
         if not (seconds > 0 and math.isfinite(seconds)):
@@ -77,3 +87,41 @@ class PairState:
 
     def mode(self, sampling: bool) -> ModeState:
         return self.sampling if sampling else self.greedy
+
+
+LOOKUP_SCALE_BOUNDS = (0.02, 4.0)
+"""Per-row factor on prompt-lookup acceptance: whether a row's text repeats is a property of that row
+(a loop, a quote) that no pair-wide calibration can know, so unlike the draft's row factor it may go
+far below 1 (a row whose lookups keep failing stops being offered them) as well as above."""
+
+
+ROW_LOOKUP_DECAY = 0.9  # per step: a row's lookup record spans its last ~10 verify steps
+ROW_LOOKUP_PRIOR = 0.5  # a new row's record: half a node's worth of prediction, at ratio 1
+
+
+class RowLookup:
+    """Per row, the decayed (accepted, predicted) sums of its verified prompt-lookup nodes. Sums of
+    nodes, not an average of steps: a few failed steps with small predictions must already weigh, so
+    a row whose text does not repeat stops being offered lookups within a handful of steps."""
+
+    def __init__(self, decay: float = ROW_LOOKUP_DECAY):
+        self.decay = float(decay)
+        self.sums: dict[int, tuple[float, float]] = {}
+
+    def scale(self, row: int) -> float:
+        got, pred = self.sums.get(row, (ROW_LOOKUP_PRIOR, ROW_LOOKUP_PRIOR))
+        lo, hi = LOOKUP_SCALE_BOUNDS
+        return min(max(got / max(pred, 1e-6), lo), hi)
+
+    def scales(self, rows: list[int]) -> "np.ndarray":
+        return np.asarray([self.scale(r) for r in rows], dtype=np.float32)
+
+    def observe(self, rows: list[int], got: list[float], predicted: list[float], tested: list[int]) -> None:
+        d = self.decay
+        for r, g, p, n in zip(rows, got, predicted, tested):
+            if n:
+                a, b = self.sums.get(r, (ROW_LOOKUP_PRIOR, ROW_LOOKUP_PRIOR))
+                self.sums[r] = (d * a + g, d * b + p)
+
+    def forget(self, row: int) -> None:
+        self.sums.pop(row, None)

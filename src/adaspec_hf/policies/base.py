@@ -48,6 +48,12 @@ class DraftPolicy:
         for the step being planned. Default: the proposer's own path probability."""
         return tree.path_prob()
 
+    def skip_draft(self, values: torch.Tensor, n_lookup: torch.Tensor) -> torch.Tensor | None:
+        """(B,) rows that need no draft-model forward this step, given the free prompt-lookup
+        proposal (``values``: :meth:`node_values` of its tree, ``n_lookup``: its nodes per row);
+        None: no prediction (the proposer then applies its own rule)."""
+        return None
+
     def observe(self, outcome: StepOutcome) -> None:
         pass
 

@@ -24,9 +24,10 @@ import torch
 from adaspec_hf.config import AdaptiveConfig
 from adaspec_hf.efficiency.acceptance import AcceptanceModel
 from adaspec_hf.efficiency.latency import LatencyModel
-from adaspec_hf.efficiency.state import ModeState, ObservedCosts
+from adaspec_hf.efficiency.state import ModeState, ObservedCosts, RowLookup
 from adaspec_hf.policies.base import DraftPolicy, LevelContext, StepContext, StepOutcome
 from adaspec_hf.policies.chain import plan_chain_level, select_chain
+from adaspec_hf.policies.choice import skip_draft
 from adaspec_hf.policies.selection import best_prefix, goodput_budget
 from adaspec_hf.core.tree import DraftTree
 
@@ -52,6 +53,8 @@ class PlanStep:
     probe: int = 0  # chain length of a probe step (0: a planned step)
     draft1: float = 0.0  # predicted seconds of one draft forward of one token per row (constant within a step)
     row_scale: np.ndarray | None = None  # (rows,) per-row calibration factor of top-child acceptance
+    lookup_scale: np.ndarray | None = None  # (rows,) per-row factor of prompt-lookup acceptance
+    draft_gain: np.ndarray | None = None  # (rows, cap) look-ahead's expected accepted tokens of a k-level chain
     # chains only (the numpy fast path): per row, nodes drafted so far, the calibrated path value of
     # the last one and their sum, and the values per level (to select without rebuilding them)
     chain_n: np.ndarray | None = None
@@ -103,6 +106,7 @@ class AdaptivePlanner(DraftPolicy):
         self.first_value: dict[int, float] = {}  # per-row EMA of the best level-1 candidate's value
         self._row_counts: dict[int, tuple[float, float]] = {}  # per-row decayed (accepted, tested) node counts
         self._row_calib: dict[int, tuple[float, float]] = {}  # per-row decayed (accepted, predicted) over tested top children
+        self.row_lookup = RowLookup()
         self.probe_gap = self.probe_every
         self.idle_steps = 0
         self.probes = 0
@@ -115,6 +119,7 @@ class AdaptivePlanner(DraftPolicy):
         self.first_value.pop(row_id, None)
         self._row_counts.pop(row_id, None)
         self._row_calib.pop(row_id, None)
+        self.row_lookup.forget(row_id)
 
     # ------------------------------------------------------------------ costs
     def _costs(self, rows: int, context: float, max_q: int) -> np.ndarray:
@@ -152,12 +157,14 @@ class AdaptivePlanner(DraftPolicy):
         verify = self._costs(rows, context, 1 + width)
         draft1 = self._draft_cost(rows, 1, context)
         scale = np.asarray([self._row_scale(r) for r in ids], dtype=np.float32)
-        self._step = PlanStep(rows=rows, context=context, verify=verify, alpha=alpha, draft1=draft1, row_scale=scale,
-                              chain_n=np.zeros(rows, dtype=np.int64), chain_last=np.ones(rows, dtype=np.float32),
-                              chain_sum=np.zeros(rows, dtype=np.float32), chain_values=[])
         # Optimistic look-ahead with each row's running acceptance: would any chain length pay?
         ks = np.arange(1, self.cap + 1)
-        gains = np.cumsum(lead[:, None] * hopeful[:, None] ** np.arange(0, self.cap)[None, :], axis=1).sum(0)
+        row_gains = np.cumsum(lead[:, None] * hopeful[:, None] ** np.arange(0, self.cap)[None, :], axis=1)
+        self._step = PlanStep(rows=rows, context=context, verify=verify, alpha=alpha, draft1=draft1, row_scale=scale,
+                              lookup_scale=self.row_lookup.scales(ids), draft_gain=row_gains,
+                              chain_n=np.zeros(rows, dtype=np.int64), chain_last=np.ones(rows, dtype=np.float32),
+                              chain_sum=np.zeros(rows, dtype=np.float32), chain_values=[])
+        gains = row_gains.sum(0)
         goodput = (gains + rows) / (self.latency.overhead + ks * draft1 + verify[ks])
         best_k = int(ks[np.argmax(goodput)]) if goodput.max() > rows / (self.latency.overhead + verify[0]) else 0
         if self.probe_every and self.idle_steps >= self.probe_gap:
@@ -178,10 +185,8 @@ class AdaptivePlanner(DraftPolicy):
         alpha = torch.as_tensor(self._step.alpha if self._step is not None else [self.prior] * tree.batch,
                                 dtype=torch.float32)
         parents = torch.where(tree.valid, tree.parents, -2 - torch.arange(tree.width, device=tree.parents.device))
-        acc = self._acceptance(tree.draft_prob.float(), tree.depth.clamp(min=1),
-                               alpha.to(tree.draft_prob.device)[:, None].expand_as(tree.draft_prob), parents,
-                               tree.lookup)
-        acc = acc.clamp(1e-6, 1.0)
+        acc = self._acceptance(tree.draft_prob.float(), tree.depth.clamp(min=1), alpha.to(tree.draft_prob.device)[
+            :, None].expand_as(tree.draft_prob), parents, tree.lookup).clamp(1e-6, 1.0)
         logp = torch.log(acc).masked_fill(~tree.valid, 0.0)
         anc = tree.ancestors().float()
         return torch.exp(torch.bmm(anc, logp[:, :, None])[:, :, 0]).masked_fill(~tree.valid, 0.0)
@@ -189,8 +194,7 @@ class AdaptivePlanner(DraftPolicy):
     def _optimistic(self, row_id: int) -> float:
         """The row's rate plus one standard error of it (binomial, over its decayed node count)."""
         acc, tried = self._row_counts.get(row_id, (self.prior * ROW_PRIOR_NODES, ROW_PRIOR_NODES))
-        a = acc / tried
-        return min(1.0, a + (a * (1 - a) / tried) ** 0.5)
+        return min(1.0, acc / tried + (acc / tried * (1 - acc / tried) / tried) ** 0.5)
 
     def _row_scale(self, row_id: int) -> float:
         """How much more (or less) a row's top children are accepted than the pair's calibration
@@ -221,7 +225,12 @@ class AdaptivePlanner(DraftPolicy):
             (draft_prob[:, None, :] == draft_prob[:, :, None]) & (idx[None, None, :] < idx[None, :, None]))
         top = ~(same & better).any(-1)
         blend = w * row_pred + (1 - w) * row_alpha.to(pred.dtype)
-        return torch.where(top, torch.maximum(blend, row_pred), pred)
+        out = torch.where(top, torch.maximum(blend, row_pred), pred)
+        if lookup is None:  # else prompt-lookup nodes: their own calibration and row factor, not the draft's
+            return out
+        ls = getattr(self._step, "lookup_scale", None)  # None: no step planned, or SmartSpec's own step
+        ls = torch.ones(pred.shape[0]) if ls is None else torch.from_numpy(ls)
+        return torch.where(lookup.to(out.device), (pred * ls.to(pred.device, pred.dtype)[:, None]).clamp(0, 1), out)
 
     @property
     def _probing(self) -> bool:
@@ -278,7 +287,7 @@ class AdaptivePlanner(DraftPolicy):
     def _plan_level(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(n_add, n_expand) per row maximising predicted goodput; no side effect on the plan."""
         if self._chain_fast(ctx):
-            return self._plan_chain_level(ctx)
+            return plan_chain_level(self, ctx)
         self._step.level_v = None
         st = self._step
         b, c = ctx.cand_path_prob.shape
@@ -328,9 +337,6 @@ class AdaptivePlanner(DraftPolicy):
                 n_exp = torch.minimum(expand_rows, n_add)
         return n_add, n_exp
 
-    def _plan_chain_level(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
-        return plan_chain_level(self, ctx)
-
     def _select_chain(self, tree: DraftTree) -> torch.Tensor | None:
         return select_chain(self, tree)
 
@@ -353,6 +359,9 @@ class AdaptivePlanner(DraftPolicy):
     def node_values(self, tree: DraftTree) -> torch.Tensor:
         return self._calibrated_path(tree) if self._step is not None else DraftPolicy.node_values(self, tree)
 
+    def skip_draft(self, values: torch.Tensor, n_lookup: torch.Tensor) -> torch.Tensor | None:
+        return skip_draft(self, values, n_lookup)
+
     # ------------------------------------------------------------------- learning
     def observe(self, outcome: StepOutcome) -> None:
         tree = outcome.tree
@@ -363,19 +372,22 @@ class AdaptivePlanner(DraftPolicy):
         if tree.width:
             tested = outcome.tested & tree.valid
             target = outcome.accept_prob if outcome.accept_prob.dtype.is_floating_point else outcome.accepted.float()
+            # per-row acceptance of tried draft-model nodes (for chains: the geometric MLE) and, apart,
+            # of prompt-lookup nodes: each has its own calibration and must not drag the other's rate
+            ids = outcome.row_ids.tolist() if outcome.row_ids is not None else list(range(tree.batch))
+            is_l = tree.lookup.cpu() if tree.lookup is not None else torch.zeros_like(tested.cpu())
+            model, look = (tested.cpu() & ~is_l), (tested.cpu() & is_l)
+            # what the calibrations predicted for the tested nodes, before they learn from them
+            pred_all = self.mode.predict(tree.draft_prob.float(), tree.depth.clamp(min=1), tree.lookup).cpu()
+            y = target.float().cpu()
+            predicted, got = (pred_all * model).sum(1).tolist(), (y * model).sum(1).tolist()
+            self.row_lookup.observe(ids, (y * look).sum(1).tolist(), (pred_all * look).sum(1).tolist(),
+                                    look.sum(1).tolist())
             if bool(tested.any()):
-                # what the calibration predicted for the tested nodes, before it learns from them
-                predicted = (self.mode.predict(tree.draft_prob.float(), tree.depth.clamp(min=1), tree.lookup).cpu()
-                             * tested.cpu()).sum(1).tolist()
-                got = (target.float().cpu() * tested.cpu()).sum(1).tolist()
                 self.mode.update(tree.draft_prob[tested].float(), tree.depth[tested], target[tested].float(),
                                  None if tree.lookup is None else tree.lookup[tested])
-            else:
-                predicted = got = [0.0] * tree.batch
-            # per-row acceptance rate of tried nodes (for chains: the geometric MLE)
-            ids = outcome.row_ids.tolist() if outcome.row_ids is not None else list(range(tree.batch))
-            n_tested = tested.sum(1).tolist()
-            n_acc = (outcome.accepted & tree.valid).sum(1).tolist()
+            n_tested = model.sum(1).tolist()
+            n_acc = (outcome.accepted.cpu() & ~is_l & tree.valid.cpu()).sum(1).tolist()
             w = self.config.row_ema
             for r, n, a in zip(ids, n_tested, n_acc):
                 if n:
@@ -405,3 +417,4 @@ class AdaptivePlanner(DraftPolicy):
             q = 1 + (int(tree.valid.sum(1).max()) if tree.width else 0)
             self.latency.observe("target", st.rows, q, st.context, outcome.verify_time)
             self.observed.add(st.rows, q, outcome.verify_time)
+            self.observed.add_draft(st.rows, st.draft_levels + 1 if tree.width else 0, outcome.draft_time)
