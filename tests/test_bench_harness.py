@@ -78,3 +78,42 @@ def test_too_few_prompts_for_the_batch_size(models):
     target, draft = models
     with pytest.raises(ValueError, match="not enough prompts"):
         harness.run_benchmark("t", target, draft, PROMPTS[:1], ["vanilla"], batch_sizes=(2,), progress=False)
+
+
+def test_serving_run_reports_attainment_and_goodput_per_slo_class(tmp_path, monkeypatch):
+    """A class whose TPOT objective cannot be met has attainment 0 and goodput 0; a class without
+    objectives has every finished request counted."""
+    monkeypatch.setenv("ADASPEC_HF_CACHE", str(tmp_path))
+    from adaspec_hf import SLO
+    from adaspec_hf.bench.serving import ServingBenchResult, run_system
+    from adaspec_hf.bench.workload import Workload, WorkloadRequest
+    from adaspec_hf.policies import StaticChain
+
+    target, draft = pair("llama")
+    reqs = [WorkloadRequest(i, 0.0, [5 + i, 9, 14, 3], 8, cls, SLO(tpot_ms=1e-6) if cls == "tight" else None)
+            for i, cls in enumerate(["tight", "loose", "tight", "loose"])]
+    out = run_system("static-2", target, draft, None, Workload(reqs, rate=1.0, arrival="poisson", seed=0),
+                     warmup=1, policy=StaticChain(2))["metrics"]
+    assert out["attainment_by_class"] == {"tight": 0.0, "loose": 1.0}
+    assert out["goodput_by_class"]["tight"] == 0.0 and out["goodput_by_class"]["loose"] > 0
+    res = ServingBenchResult("t", {}, rows=[out])
+    assert "tight/loose goodput" in res.table()
+
+
+def test_prompt_lookup_method_names():
+    assert resolve_method("hf-prompt-lookup-k10").batch1_only
+    assert not resolve_method("lookup:adaptive").batch1_only
+    assert resolve_method("adaptive+lookup").name == "adaptive+lookup"
+    with pytest.raises(ValueError, match="unknown draft_policy"):
+        resolve_method("lookup:nonsense")
+    with pytest.raises(ValueError, match="unknown draft_policy"):
+        resolve_method("nonsense+lookup")
+
+
+def test_lookup_methods_in_the_harness_match_vanilla(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADASPEC_HF_CACHE", str(tmp_path))
+    target, draft = pair("llama")
+    prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 9, 10]]
+    res = harness.run_benchmark("t", target, draft, prompts, ["vanilla", "lookup:static-4", "static-2+lookup",
+                                "hf-prompt-lookup-k4"], repeats=1, warmup=0, max_new_tokens=8, progress=False)
+    assert all(r.matches_vanilla for r in res.rows if r.method != "vanilla")

@@ -154,14 +154,15 @@ def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max
     start = t0 + (workload.requests[0].arrival if workload.requests else 0.0)
     duration = max(last - start, 1e-6)
     metrics = compute_serving_metrics(ttft, tpot, new, met, duration)
-    by_class = {}
+    by_class, goodput_by_class = {}, {}
     for c in dict.fromkeys(rec["slo_class"] for rec in records):
-        sel = [rec["met"] for rec in records if rec["slo_class"] == c]
-        by_class[c] = sum(sel) / len(sel)
+        sel = [(ok, n) for rec, ok, n in zip(records, met, new) if rec["slo_class"] == c]
+        by_class[c] = sum(ok for ok, _ in sel) / len(sel)
+        goodput_by_class[c] = sum(n for ok, n in sel if ok) / duration  # tokens/s of the class's SLO-meeting requests
     rows = sum(s.rows for s in steps)
     out = {
         "system": system, "policy": policy.name, "config": engine.config.to_dict(), "rate": workload.rate, **metrics,
-        "attainment_by_class": by_class,
+        "attainment_by_class": by_class, "goodput_by_class": goodput_by_class,
         "finished": sum(rec["finish_reason"] in ("eos", "length", "stop") for rec in records),
         "duration_s": duration, "steps": len(steps),
         "mean_rows": rows / max(len(steps), 1),
@@ -185,17 +186,18 @@ class ServingBenchResult:
         return {"name": self.name, "config": self.config, "rows": self.rows, "requests": self.requests}
 
     def table(self) -> str:
-        head = ("| rate (req/s) | system | SLO attainment | tight | loose | goodput (tok/s) | throughput (tok/s) "
-                "| TTFT p50/p99 (ms) | TPOT p50/p99 (ms) | accepted/step | finished |")
-        lines = [head, "|" + "---|" * 11]
+        head = ("| rate (req/s) | system | SLO attainment | tight | loose | goodput (tok/s) | tight/loose goodput "
+                "| throughput (tok/s) | TTFT p50/p99 (ms) | TPOT p50/p99 (ms) | accepted/step | finished |")
+        lines = [head, "|" + "---|" * 12]
 
         def f(x, fmt=".1f"):
             return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
         for r in self.rows:
-            bc = r.get("attainment_by_class", {})
+            bc, gc = r.get("attainment_by_class", {}), r.get("goodput_by_class", {})
             lines.append(
                 f"| {r['rate']:.2f} | {r['system']} | {f(r['slo_attainment'], '.2f')} | {f(bc.get('tight'), '.2f')} "
-                f"| {f(bc.get('loose'), '.2f')} | {f(r['goodput'])} | {f(r['throughput'])} "
+                f"| {f(bc.get('loose'), '.2f')} | {f(r['goodput'])} "
+                f"| {f(gc.get('tight'))}/{f(gc.get('loose'))} | {f(r['throughput'])} "
                 f"| {f(r['ttft_p50'], '.0f')}/{f(r['ttft_p99'], '.0f')} | {f(r['tpot_p50'])}/{f(r['tpot_p99'])} "
                 f"| {f(r['accepted_per_step'], '.2f')} | {r['finished']}/{r['requests']} |")
         return "\n".join(lines)
