@@ -11,14 +11,12 @@ Sections (one run, one machine, side by side):
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from adaspec_hf import enable
-from adaspec_hf.bench.harness import run_benchmark, write_results
+from adaspec_hf.bench.harness import open_pair, pair_arguments, run_benchmark, write_results
 from adaspec_hf.bench.prompts import default_text_prompts, load_prompt_ids
-from adaspec_hf.pair import load_models
 
 STATIC = [f"static-{k}" for k in range(1, 9)]
 TREES = ["tree-4x2", "tree-3x3"]
@@ -26,19 +24,15 @@ OURS = ["adaptive", "adaptive-tree"]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target")
-    ap.add_argument("--draft")
-    ap.add_argument("--allow-weak-pair", action="store_true", help="use a built-in pair that missed its gates")
+    ap = pair_arguments(__doc__.splitlines()[0])
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--n-prompts", type=int, default=4, help="prompts per batch-1 run")
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sections", default="A,B,C")
-    ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
-    target, draft, tok = load_models(args.target, args.draft, allow_weak_pair=args.allow_weak_pair)
+    target, draft, tok = open_pair(args)
     enable(target)
     n_all = max(int(b) for b in args.batch_sizes.split(","))
     prompts = load_prompt_ids(tok, n_all) if args.target is None else default_text_prompts(tok, n_all)

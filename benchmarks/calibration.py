@@ -8,7 +8,6 @@ expected calibration error on the second half (and of the raw draft probability,
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from adaspec_hf import enable
 from adaspec_hf.efficiency.acceptance import AcceptanceModel
 from adaspec_hf.bench.prompts import load_prompt_ids
-from adaspec_hf.pair import load_models
+from adaspec_hf.bench.harness import open_pair, pair_arguments
 from adaspec_hf.policies import StaticChain
 
 
@@ -32,15 +31,11 @@ class Recorder(StaticChain):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target")
-    ap.add_argument("--draft")
-    ap.add_argument("--allow-weak-pair", action="store_true", help="use a built-in pair that missed its gates")
+    ap = pair_arguments(__doc__.splitlines()[0])
     ap.add_argument("--n-prompts", type=int, default=16)
     ap.add_argument("--k", type=int, default=6)
-    ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
-    target, draft, tok = load_models(args.target, args.draft, allow_weak_pair=args.allow_weak_pair)
+    target, draft, tok = open_pair(args, what=None)
     enable(target)
     rec = Recorder(args.k)
     for p in load_prompt_ids(tok, args.n_prompts):

@@ -21,7 +21,6 @@ pays per row and step (adaptive+lookup). Greedy outputs are checked against vani
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -30,10 +29,10 @@ from tqdm.auto import tqdm
 
 from adaspec_hf import enable
 from adaspec_hf.core.lookup import lookup_tree
-from adaspec_hf.machine import is_busy, load_average
-from adaspec_hf.bench.harness import run_benchmark, write_results
+from adaspec_hf.machine import load_average
+from adaspec_hf.bench.harness import open_pair, pair_arguments, run_benchmark, write_results
 from adaspec_hf.bench.prompts import FALLBACK_TEXTS
-from adaspec_hf.pair import load_models, load_prompts
+from adaspec_hf.pair import load_prompts
 
 HF = "hf-prompt-lookup-k10"
 LOOKUP = "lookup:adaptive"
@@ -67,22 +66,16 @@ def hit_rate(target, ids: list[int], max_new: int, pad: int, eos) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target")
-    ap.add_argument("--draft")
-    ap.add_argument("--allow-weak-pair", action="store_true", help="use a built-in pair that missed its gates")
+    ap = pair_arguments(__doc__.splitlines()[0])
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--n-prompts", type=int, default=4, help="prompts per workload")
     ap.add_argument("--n-candidates", type=int, default=16, help="held-out prompts scored (each also as a rewrite)")
     ap.add_argument("--batch", type=int, default=4, help="batch size of the batched mix run (0: skip it)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
     load = load_average()
-    if is_busy(load):
-        print(f"WARNING: the machine is busy (load average {load}): timings will be disturbed")
-    target, draft, tok = load_models(args.target, args.draft, allow_weak_pair=args.allow_weak_pair)
+    target, draft, tok = open_pair(args)
     enable(target)
     cands = [tok(t, add_special_tokens=False)["input_ids"] for t in candidates(args.n_candidates, args.target is None)]
     scores = [hit_rate(target, c, args.max_new_tokens, tok.pad_token_id, tok.eos_token_id)

@@ -7,6 +7,8 @@ changes the output is no speed-up. Results: JSON + a markdown table (+ PNG plots
 """
 from __future__ import annotations
 
+import argparse
+
 import json
 import platform
 import statistics
@@ -234,3 +236,25 @@ def write_results(result: BenchResult, out_dir: Path | str = RESULTS_DIR, plot: 
         fig.savefig(paths["png"], dpi=PLOT_DPI)
         plt.close(fig)
     return paths
+
+
+def pair_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark script shares: which pair, and where results go."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--target", help="HF id/path of the target (default: the built-in pair)")
+    ap.add_argument("--draft", help="HF id/path of the draft (default: the built-in pair)")
+    ap.add_argument("--allow-weak-pair", action="store_true", help="use a built-in pair that missed its gates")
+    ap.add_argument("--out", default="benchmarks/results")
+    return ap
+
+
+def open_pair(args, what: str | None = "timings will be disturbed"):
+    """(target, draft, tokenizer) from :func:`pair_arguments`' options, after warning when the
+    machine is busy (``what``: what a busy machine spoils in this benchmark; None: nothing is timed)."""
+    from adaspec_hf.machine import is_busy, load_average
+    from adaspec_hf.pair import load_models
+
+    load = load_average()
+    if what is not None and is_busy(load):
+        print(f"WARNING: the machine is busy (load average {load}): {what}")
+    return load_models(args.target, args.draft, allow_weak_pair=args.allow_weak_pair)
