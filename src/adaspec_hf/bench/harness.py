@@ -8,7 +8,6 @@ changes the output is no speed-up. Results: JSON + a markdown table (+ PNG plots
 from __future__ import annotations
 
 import argparse
-
 import json
 import platform
 import statistics

@@ -9,5 +9,6 @@ from adaspec_hf.core.step import SpecStep, node_paths
 from adaspec_hf.core.verify import NO_TOKEN, NO_TOKEN_MESSAGE, draw_keys
 
 __all__ = ["NO_TOKEN", "NO_TOKEN_MESSAGE", "CombinedProposer", "CommitRule", "Cut", "DecodeResult",
-           "DraftModelProposer", "GenerationStats", "LookupProposer", "Proposer", "build_proposer", "RowBatch", "RowSource", "SpecStep", "SpeculativeDecoder", "StepRecord",
-           "TokenBuffer", "TreeDrafter", "draw_keys", "node_paths", "stop_string_criteria"]
+           "DraftModelProposer", "GenerationStats", "LookupProposer", "Proposer", "RowBatch", "RowSource", "SpecStep",
+           "SpeculativeDecoder", "StepRecord", "TokenBuffer", "TreeDrafter", "build_proposer", "draw_keys",
+           "node_paths", "stop_string_criteria"]

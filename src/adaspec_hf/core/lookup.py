@@ -77,7 +77,7 @@ def lookup_tree(tokens: torch.Tensor, lengths: torch.Tensor, max_depth: torch.Te
     dev = tokens.device
     starts, used = find_matches(tokens, lengths, max_ngram, min_ngram, max_matches)
     if not bool((used > 0).any()) or int(max_depth.max()) <= 0:
-        return _with_lookup(DraftTree.empty(b, dev))
+        return _mark(DraftTree.empty(b, dev), all_lookup=True)
     tok_l, len_l, start_l = tokens.tolist(), lengths.tolist(), starts.tolist()
     depth_l, used_l = max_depth.tolist(), used.tolist()
     rows: list[tuple[list[int], list[int], list[float]]] = []
@@ -87,21 +87,11 @@ def lookup_tree(tokens: torch.Tensor, lengths: torch.Tensor, max_depth: torch.Te
         rows.append(_trie(conts, n / (n + 1.0), max_children))
     width = max((len(t) for t, _, _ in rows), default=0)
     if width == 0:
-        return _with_lookup(DraftTree.empty(b, dev))
-    tok = torch.zeros(b, width, dtype=torch.long)
-    par = torch.full((b, width), -1, dtype=torch.long)
-    prob = torch.zeros(b, width)
-    valid = torch.zeros(b, width, dtype=torch.bool)
-    for r, (t, p, c) in enumerate(rows):
-        if t:
-            tok[r, : len(t)] = torch.tensor(t)
-            par[r, : len(p)] = torch.tensor(p)
-            prob[r, : len(c)] = torch.tensor(c)
-            valid[r, : len(t)] = True
-    tree = DraftTree(tokens=tok, parents=par, depth=torch.zeros_like(tok), valid=valid, draft_prob=prob,
-                     sampled=torch.zeros_like(valid), draft_slot=torch.full_like(tok, -1))
-    tree.depth = tree.compute_depth()
-    return _with_lookup(tree.to(dev))
+        return _mark(DraftTree.empty(b, dev), all_lookup=True)
+    tree = DraftTree.from_lists([t for t, _, _ in rows], [p for _, p, _ in rows])
+    tree.draft_prob = torch.tensor([c + [0.0] * (width - len(c)) for _, _, c in rows])
+    tree.draft_slot = torch.full_like(tree.tokens, -1)
+    return _mark(tree.to(dev), all_lookup=True)
 
 
 def _continuation(tokens: list[int], start: int, length: int, depth: int) -> list[int]:
@@ -113,11 +103,6 @@ def _continuation(tokens: list[int], start: int, length: int, depth: int) -> lis
     while 0 < period and len(cont) < depth:
         cont.append(cont[len(cont) - period])
     return cont
-
-
-def _with_lookup(tree: DraftTree) -> DraftTree:
-    tree.lookup = tree.valid.clone()
-    return tree
 
 
 def _trie(conts: list[list[int]], strength: float, max_children: int) -> tuple[list[int], list[int], list[float]]:
@@ -154,9 +139,9 @@ def merge_trees(base: DraftTree, extra: DraftTree) -> DraftTree:
     b = base.batch
     dev = base.tokens.device
     if extra.width == 0:
-        return base if base.lookup is not None else _mark(base, None)
+        return base if base.lookup is not None else _mark(base, all_lookup=False)
     if base.width == 0:
-        return _mark(extra, extra.valid)
+        return _mark(extra, all_lookup=True)
     bt, bp, bv = base.tokens.tolist(), base.parents.tolist(), base.valid.tolist()
     et, ep, ev = extra.tokens.tolist(), extra.parents.tolist(), extra.valid.tolist()
     add_src: list[list[int]] = []  # per row: extra node indices appended
@@ -181,7 +166,7 @@ def merge_trees(base: DraftTree, extra: DraftTree) -> DraftTree:
         add_par.append(pars)
     n_add = max(len(s) for s in add_src)
     if n_add == 0:
-        return _mark(base, None)
+        return _mark(base, all_lookup=False)
     counts = base.valid.sum(1).tolist()
     width = max(c + len(s) for c, s in zip(counts, add_src))
 
@@ -195,19 +180,22 @@ def merge_trees(base: DraftTree, extra: DraftTree) -> DraftTree:
     slot = grow(base.draft_slot if base.draft_slot is not None else torch.full_like(base.tokens, -1), -1)
     lookup = grow(base.lookup if base.lookup is not None else torch.zeros_like(base.valid), False)
     q = grow(base.q, 0.0) if base.q is not None else None
-    for r in range(b):
-        for i, (j, parent) in enumerate(zip(add_src[r], add_par[r])):
-            k = counts[r] + i
-            tok[r, k], par[r, k], valid[r, k] = extra.tokens[r, j], parent, True
-            prob[r, k], lookup[r, k] = extra.draft_prob[r, j], True
+    # the appended nodes, as (row, merged index, extra index, merged parent) columns
+    rows = torch.tensor([r for r in range(b) for _ in add_src[r]], device=dev)
+    at = torch.tensor([counts[r] + i for r in range(b) for i in range(len(add_src[r]))], device=dev)
+    src = torch.tensor([j for r in range(b) for j in add_src[r]], device=dev)
+    tok[rows, at], prob[rows, at] = extra.tokens[rows, src], extra.draft_prob[rows, src]
+    par[rows, at] = torch.tensor([p for r in range(b) for p in add_par[r]], device=dev)
+    valid[rows, at] = lookup[rows, at] = True
     merged = DraftTree(tokens=tok, parents=par, depth=torch.zeros_like(tok), valid=valid, draft_prob=prob,
                        sampled=sampled, q=q, draft_slot=slot, lookup=lookup)
     merged.depth = merged.compute_depth()
     return merged
 
 
-def _mark(tree: DraftTree, lookup: torch.Tensor | None) -> DraftTree:
-    tree.lookup = lookup if lookup is not None else torch.zeros_like(tree.valid)
+def _mark(tree: DraftTree, *, all_lookup: bool) -> DraftTree:
+    """``tree`` with its ``lookup`` flags set: every node a lookup node, or none."""
+    tree.lookup = tree.valid.clone() if all_lookup else torch.zeros_like(tree.valid)
     return tree
 
 

@@ -116,9 +116,11 @@ class RowLookup:
     def scales(self, rows: list[int]) -> "np.ndarray":
         return np.asarray([self.scale(r) for r in rows], dtype=np.float32)
 
-    def observe(self, rows: list[int], got: list[float], predicted: list[float], tested: list[int]) -> None:
+    def observe(self, rows: list[int], got: torch.Tensor, predicted: torch.Tensor, tested: torch.Tensor) -> None:
+        """``got`` / ``predicted`` (B, N): outcome and calibrated prediction of each verified lookup
+        node (0 elsewhere); ``tested`` (B, N): which nodes those are."""
         d = self.decay
-        for r, g, p, n in zip(rows, got, predicted, tested):
+        for r, g, p, n in zip(rows, got.sum(1).tolist(), predicted.sum(1).tolist(), tested.sum(1).tolist()):
             if n:
                 a, b = self.sums.get(r, (ROW_LOOKUP_PRIOR, ROW_LOOKUP_PRIOR))
                 self.sums[r] = (d * a + g, d * b + p)

@@ -185,8 +185,9 @@ class AdaptivePlanner(DraftPolicy):
         alpha = torch.as_tensor(self._step.alpha if self._step is not None else [self.prior] * tree.batch,
                                 dtype=torch.float32)
         parents = torch.where(tree.valid, tree.parents, -2 - torch.arange(tree.width, device=tree.parents.device))
-        acc = self._acceptance(tree.draft_prob.float(), tree.depth.clamp(min=1), alpha.to(tree.draft_prob.device)[
-            :, None].expand_as(tree.draft_prob), parents, tree.lookup).clamp(1e-6, 1.0)
+        row_alpha = alpha.to(tree.draft_prob.device)[:, None].expand_as(tree.draft_prob)
+        acc = self._acceptance(tree.draft_prob.float(), tree.depth.clamp(min=1), row_alpha, parents, tree.lookup)
+        acc = acc.clamp(1e-6, 1.0)
         logp = torch.log(acc).masked_fill(~tree.valid, 0.0)
         anc = tree.ancestors().float()
         return torch.exp(torch.bmm(anc, logp[:, :, None])[:, :, 0]).masked_fill(~tree.valid, 0.0)
@@ -194,7 +195,8 @@ class AdaptivePlanner(DraftPolicy):
     def _optimistic(self, row_id: int) -> float:
         """The row's rate plus one standard error of it (binomial, over its decayed node count)."""
         acc, tried = self._row_counts.get(row_id, (self.prior * ROW_PRIOR_NODES, ROW_PRIOR_NODES))
-        return min(1.0, acc / tried + (acc / tried * (1 - acc / tried) / tried) ** 0.5)
+        a = acc / tried
+        return min(1.0, a + (a * (1 - a) / tried) ** 0.5)
 
     def _row_scale(self, row_id: int) -> float:
         """How much more (or less) a row's top children are accepted than the pair's calibration
@@ -344,8 +346,7 @@ class AdaptivePlanner(DraftPolicy):
         """Final budget over everything drafted: per-row top-N connected subtrees, N by goodput."""
         st = self._step
         if tree.width == 0 or st is None or self._probing:
-            # a probe is verified as drafted (to measure it), down to its own length: free
-            # prompt-lookup levels beyond it are not part of the probe
+            # a probe is verified as drafted (to measure it), to its own depth only: free lookup levels are not probed
             return tree.valid & (tree.depth <= st.probe) if self._probing else tree.valid
         if not self.tree:
             keep = self._select_chain(tree)
@@ -381,8 +382,7 @@ class AdaptivePlanner(DraftPolicy):
             pred_all = self.mode.predict(tree.draft_prob.float(), tree.depth.clamp(min=1), tree.lookup).cpu()
             y = target.float().cpu()
             predicted, got = (pred_all * model).sum(1).tolist(), (y * model).sum(1).tolist()
-            self.row_lookup.observe(ids, (y * look).sum(1).tolist(), (pred_all * look).sum(1).tolist(),
-                                    look.sum(1).tolist())
+            self.row_lookup.observe(ids, y * look, pred_all * look, look)
             if bool(tested.any()):
                 self.mode.update(tree.draft_prob[tested].float(), tree.depth[tested], target[tested].float(),
                                  None if tree.lookup is None else tree.lookup[tested])

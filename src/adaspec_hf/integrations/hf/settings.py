@@ -166,8 +166,7 @@ def choose_policy(gen_config: GenerationConfig, target: PreTrainedModel, assista
                          "others, e.g. assistant_model.generation_config.num_assistant_tokens = None)")
     if from_hf is not None:
         return Choice(from_hf, None)
-    cfg = spec if spec is not None else AdaptiveConfig()
     if isinstance(spec, DraftPolicy):
         return Choice(spec, AdaptiveConfig(**lookup) if lookup else None)
-    cfg = AdaptiveConfig.coerce(cfg, **lookup)
+    cfg = AdaptiveConfig.coerce(spec, **lookup)
     return Choice(make_policy(cfg, target, assistant_model, sampling=bool(gen_config.do_sample)), cfg)
