@@ -4,6 +4,7 @@ outcome after verify. Plain dataclasses of tensors; the policy interface itself 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -27,6 +28,9 @@ class StepContext:
     step_time: float = 0.0  # the engine's running estimate of a step's seconds
     rate_needed: torch.Tensor | None = None  # (B,) tokens per step needed from now on to still meet the
     #                                          TPOT objective at max_new_tokens (inf: can no longer)
+    # Seeded sampling: race(d, vocab) -> (B, vocab) Exp(1) noise of each row's token at depth d + 1
+    # (see adaspec_hf.core.race), shared by the drafter and the verifier; None: no sampled row has a key
+    race: Callable[[int, int], torch.Tensor] | None = None
 
 
 @dataclass

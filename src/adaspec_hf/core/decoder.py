@@ -23,7 +23,8 @@ from adaspec_hf.core.proposer import Proposer
 from adaspec_hf.core.rows import RowBatch, RowSource
 from adaspec_hf.core.stats import DecodeResult, GenerationStats
 from adaspec_hf.core.step import SpecStep
-from adaspec_hf.core.verify import NO_TOKEN, NO_TOKEN_MESSAGE, draw_keys, inverse_cdf, position_uniform
+from adaspec_hf.core.race import RaceNoise, race_token
+from adaspec_hf.core.verify import NO_TOKEN, NO_TOKEN_MESSAGE, draw_keys
 
 if TYPE_CHECKING:  # the policy interface sits above core; the step only calls it
     from adaspec_hf.policies.base import DraftPolicy
@@ -99,8 +100,9 @@ class SpeculativeDecoder:
     """Batched lossless speculative decoding for a target/draft pair sharing a vocabulary.
 
     Sampling: each call draws one key per row from ``generator`` (default: torch's global RNG), and
-    every sampled token is the position-keyed draw of :func:`~adaspec_hf.core.verify.accept_coupled`,
-    so the same seed gives the same text whatever the policy drafts. ``max_new_tokens`` is not
+    every sampled token is the winner of the row's position-keyed race (:mod:`~adaspec_hf.core.race`),
+    so the same seed gives the same text whatever the policy drafts, and the draft ranks its
+    candidates by the same race. ``max_new_tokens`` is not
     allocated up front (rows that stop at EOS cost only what they generated).
 
     Rows stop under one :class:`~adaspec_hf.core.buffer.CommitRule`: ``eos_token_id`` (not before
@@ -159,10 +161,11 @@ class SpeculativeDecoder:
             torch.cuda.synchronize(self.device)
 
     def _pick(self, scores: torch.Tensor, rows: "_BufferRows", real: torch.Tensor) -> torch.Tensor:
-        """First token per row; sampled ones are the position-keyed draw at position ``real``."""
+        """First token per row; sampled ones win the row's race at position ``real``."""
         if not self.do_sample:
             return scores.argmax(-1)
-        first = inverse_cdf(torch.softmax(scores, -1), position_uniform(rows.keys, real[:, None])[:, 0])
+        probs = torch.softmax(scores, -1)
+        first = race_token(probs, RaceNoise()(rows.keys, real, probs.shape[-1], probs.device))
         if bool((first == NO_TOKEN).any()):
             raise ValueError(NO_TOKEN_MESSAGE)
         return first
@@ -206,8 +209,8 @@ class SpeculativeDecoder:
             first_scores[:, None] if self.output_scores else None,
             first_logits[:, None] if self.output_logits else None,
         )
-        # drafts are the draft's top tokens: sampled rows are verified by position-keyed draws, so
-        # the output (and the RNG consumed) do not depend on what the policy drafts
+        # sampled rows are verified by their position-keyed races (the drafter reads the same noise),
+        # so the output (and the RNG consumed) do not depend on what the policy drafts
         stepper = SpecStep(self.policy, proposer=self.proposer, draft_sampling=False, generator=self.generator,
                            timing=self.timing)
         step = 0

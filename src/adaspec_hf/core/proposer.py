@@ -20,6 +20,7 @@ import torch
 from adaspec_hf.core.context import LevelContext, StepContext
 from adaspec_hf.core.kv import KVState
 from adaspec_hf.core.processing import ProcessFn
+from adaspec_hf.core.race import race_scores
 from adaspec_hf.core.rows import PrefixFn, RowBatch, RowSource
 from adaspec_hf.core.tree import DraftTree
 
@@ -69,6 +70,11 @@ class DraftModelProposer:
         count = length - batch.draft_seen
         toks = src.committed(rid, batch.draft_seen, int(count.max()))
         drafter = TreeDrafter(batch.dkv, self.sampling, self.generator)
+        if ctx.race is not None:  # seeded sampling: rank candidates by the target's own race noise
+            smp = src.sampling(rid)
+            drafter.race = ctx.race
+            drafter.race_rows = smp.to(rid.device) if isinstance(smp, torch.Tensor) else torch.full_like(
+                rid, bool(smp), dtype=torch.bool)
         root_logits = drafter.catch_up(toks, batch.draft_seen, count).to(rid.device)
         batch.draft_seen = length.clone()
         return drafter.grow(root_logits, policy, ctx, max_depth, process, prefix_of)
@@ -170,6 +176,10 @@ class TreeDrafter:
         self.kv = kv
         self.sampling = sampling
         self.generator = generator
+        # seeded sampling (see adaspec_hf.core.race): the step's noise, race(d, vocab) -> (B, vocab),
+        # and which rows sample; their candidates are the race's winner and runners-up over the draft
+        self.race: Callable[[int, int], torch.Tensor] | None = None
+        self.race_rows: torch.Tensor | None = None
 
     def catch_up(
         self, tokens: torch.Tensor, start_pos: torch.Tensor, count: torch.Tensor
@@ -226,7 +236,7 @@ class TreeDrafter:
         levels = _Levels(b, dev)
         depth_limit = int(max_depth.max())
         for level in range(1, depth_limit + 1):
-            cand = self._candidates(front, policy)
+            cand = self._candidates(front, policy, level)
             lctx = LevelContext(level, cand.path_prob, cand.prob, levels.partial(), ctx, max_depth,
                                 cand_parent=front.node.gather(1, cand.source))
             n_add, n_exp = policy.choose(lctx)
@@ -245,9 +255,14 @@ class TreeDrafter:
             front = self._expand(front, cand, node_ids, slot_col, n_exp, e, position, process, prefix_of, rows)
         return levels.tree(root_logits.shape[-1])
 
-    def _candidates(self, front: _Frontier, policy: DraftPolicy) -> _Candidates:
+    def _candidates(self, front: _Frontier, policy: DraftPolicy, level: int) -> _Candidates:
         """Each frontier node's top ``policy.max_children`` children (one sampled child when
-        drafting by sampling a chain), sorted by path probability across the row."""
+        drafting by sampling a chain), sorted by path probability across the row.
+
+        Under seeded sampling a sampled row's children are the winner and runners-up of the race
+        the target will run at that position (over the draft's distribution, with the same noise);
+        their probabilities stay the draft's top-w values, so a candidate's probability is the
+        draft's confidence at its rank (exactly the greedy candidates' when the race is the argmax)."""
         b, f = front.node.shape
         w = min(policy.max_children, front.dist.shape[-1])
         sampled = self.sampling and w == 1
@@ -257,6 +272,13 @@ class TreeDrafter:
             cprob = front.dist.gather(2, tok)
         else:
             cprob, tok = front.dist.topk(w, dim=-1)
+            if self.race is not None and bool(self.race_rows.any()):
+                noise = self.race(level - 1, front.dist.shape[-1])  # the node at depth `level`
+                _, rtok = race_scores(front.dist, noise[:, None, :]).topk(w, dim=-1)
+                on = self.race_rows[:, None, None]
+                tok = torch.where(on, rtok, tok)
+                # a runner-up of probability 0 (fewer valid tokens than w) is no candidate
+                cprob = torch.where(on & (front.dist.gather(2, rtok) <= 0), 0.0, cprob)
         path = (front.path_prob[:, :, None] * cprob) * front.ok[:, :, None]
         c_path = path.reshape(b, f * w)
         order = torch.argsort(c_path, dim=1, descending=True, stable=True)

@@ -142,8 +142,8 @@ class RowSource:
         return False
 
     def sample_keys(self, rid: torch.Tensor) -> torch.Tensor | None:
-        """(B,) int64 sampling keys of the rows: sampled tokens are then position-keyed draws
-        (reproducible whatever is drafted, see :func:`~adaspec_hf.core.verify.accept_coupled`).
+        """(B,) int64 sampling keys of the rows: sampled tokens are then the winners of position-keyed
+        races (reproducible whatever is drafted, see :mod:`~adaspec_hf.core.race`).
         None: draw from the step's generator in sequence (speculative sampling's own rule)."""
         return None
 

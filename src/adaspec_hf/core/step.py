@@ -21,15 +21,25 @@ import torch
 from adaspec_hf.core.context import StepOutcome
 from adaspec_hf.core.processing import identity_process
 from adaspec_hf.core.proposer import DraftModelProposer, Proposer
+from adaspec_hf.core.race import RaceNoise
 from adaspec_hf.core.rows import RowBatch, RowSource
 from adaspec_hf.core.stats import StepRecord
 from adaspec_hf.core.tree import DraftTree
 from adaspec_hf.core.verify import (
-    NO_TOKEN, NO_TOKEN_MESSAGE, Verdict, accept_coupled, accept_greedy, accept_sampling, position_uniform,
+    NO_TOKEN, NO_TOKEN_MESSAGE, Verdict, accept_coupled, accept_greedy, accept_sampling,
 )
 
 if TYPE_CHECKING:  # the policy interface sits above core; the step only calls it
     from adaspec_hf.policies.base import DraftPolicy
+
+
+def _race_of(keys: torch.Tensor | None, length: torch.Tensor):
+    """The step's race noise, ``race(d, vocab)`` -> (B, vocab) at positions ``length + d``: one table
+    per step, read by the drafter's levels and by the verify walk (None: no keys, no race)."""
+    if keys is None:
+        return None
+    table = RaceNoise()
+    return lambda d, vocab: table(keys, length + d, vocab, length.device)
 
 
 def node_paths(tree: DraftTree) -> torch.Tensor:
@@ -94,8 +104,9 @@ class SpecStep:
         remaining = src.remaining(rid)
         smp = src.sampling(rid)
         any_smp = bool(smp.any()) if isinstance(smp, torch.Tensor) else bool(smp)
+        race = _race_of(src.sample_keys(rid) if any_smp else None, length)
         ctx = src.context(rows=bsz, context_len=length, remaining=remaining, sampling=any_smp,
-                          step=step, row_ids=rid)
+                          step=step, row_ids=rid, race=race)
         max_depth = self.policy.max_depth(ctx).to(dev).clamp(min=0)
         max_depth = torch.minimum(max_depth, remaining - 1).clamp(min=0)
         free_levels = int(getattr(self.proposer, "free_depth", 0))  # optional in the protocol: 0 if absent
@@ -122,10 +133,10 @@ class SpecStep:
         s0 = batch.tkv.length
         raw, scores = self._verify_pass(batch, src, tree, process, prefix_of)
         if isinstance(smp, torch.Tensor) and bool(smp.any()) and not bool(smp.all()):
-            verdict = _merge_verdicts(smp, self._accept_sampled(tree, scores, src, rid, length),
+            verdict = _merge_verdicts(smp, self._accept_sampled(tree, scores, race),
                                       accept_greedy(tree, scores))
         elif any_smp:
-            verdict = self._accept_sampled(tree, scores, src, rid, length)
+            verdict = self._accept_sampled(tree, scores, race)
         else:
             verdict = accept_greedy(tree, scores)
         emitted, n_emit = verdict.emitted, verdict.n_emitted
@@ -190,14 +201,10 @@ class SpecStep:
         ).reshape(bsz, q, -1)
         return raw, scores
 
-    def _accept_sampled(self, tree: DraftTree, scores: torch.Tensor, src: RowSource, rid: torch.Tensor,
-                        length: torch.Tensor) -> Verdict:
-        """Position-keyed draws when the rows have sampling keys, else the generator's sequence."""
+    def _accept_sampled(self, tree: DraftTree, scores: torch.Tensor, race) -> Verdict:
+        """The race of each row's key when the rows have sampling keys, else the generator's sequence."""
         probs = torch.softmax(scores, -1)
-        keys = src.sample_keys(rid)
-        if keys is None:
+        if race is None:
             return accept_sampling(tree, probs, self.generator)
-        depth = int(tree.depth.max()) if tree.width else 0
-        # the token after verify index at depth d sits at sequence position length + d
-        positions = length[:, None] + torch.arange(depth + 1, device=length.device)[None, :]
-        return accept_coupled(tree, probs, position_uniform(keys, positions))
+        vocab = probs.shape[-1]
+        return accept_coupled(tree, probs, lambda d: race(d, vocab))

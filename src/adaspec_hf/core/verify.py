@@ -11,12 +11,12 @@ Input layout of the verify pass: index 0 of each row is the root (the last commi
   accepted with ``p(x)`` and on rejection ``p(x) <- 0`` renormalised. When no child is accepted
   the emitted token is drawn from what is left of ``p``: the output is distributed exactly as ``p``.
 * Seeded sampling (:func:`accept_coupled`, what the engine and ``generate`` use): the token at
-  sequence position ``t`` of a row is ``F_p^-1(u)``, the inverse CDF of the target's processed
-  distribution at a uniform ``u`` that depends only on the row's key and ``t``
-  (:func:`position_uniform`). A drafted token is accepted iff it is that token, so the output is
-  the plain sampler's under the same ``u``: exactly distributed as ``p``, and the same text whatever
-  was drafted (planner decisions, batch neighbours, machine speed). A deterministic child is
-  accepted with probability ``p(x)``, as under the rule above.
+  sequence position ``t`` of a row is the winner of an exponential race, ``argmax p(x) / E_x``, with
+  noise ``E`` that depends only on the row's key and ``t`` (:mod:`adaspec_hf.core.race`). A drafted
+  token is accepted iff it is that token, so the output is exactly distributed as ``p`` and is the
+  same text whatever was drafted (planner decisions, batch neighbours, machine speed). The drafter
+  ranks its candidates by the same race over its own distribution, so it proposes the target's
+  winner whenever the two races agree.
 
 A row whose distribution has no valid token (all probabilities zero, or not finite) gets the
 bonus token ``-1``; the caller fails that row alone.
@@ -24,9 +24,11 @@ bonus token ``-1``; the caller fails that row alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from adaspec_hf.core.race import NO_TOKEN, race_token
 from adaspec_hf.core.tree import DraftTree
 
 
@@ -47,10 +49,7 @@ class Verdict:
         return self.n_accepted + 1
 
 
-# ----------------------------------------------------------------- position-keyed uniform draws
-_MASK32 = 0xFFFFFFFF
-_SALT_POS, _SALT_LOW = 0x9E3779B9, 0x85EBCA6B  # distinct odd constants separating the hash inputs
-NO_TOKEN = -1  # bonus token of a row whose distribution has no valid token
+# ----------------------------------------------------------------- seeded sampling keys
 NO_TOKEN_MESSAGE = ("no token to sample: the processed distribution gives every token probability 0 "
                     "(e.g. no_repeat_ngram_size / bad_words_ids ban all of them and there is no EOS)")
 KEY_RANGE = 1 << 62  # per-row sampling keys are drawn in [0, KEY_RANGE) (non-negative int64)
@@ -63,50 +62,12 @@ def draw_keys(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     return torch.randint(0, KEY_RANGE, (n,), generator=generator, device=dev).cpu()
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``(x * c) mod 2**32`` for int64 ``x`` in [0, 2**32), in 16-bit halves so nothing overflows."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash with full avalanche (Wellons' "lowbias32")."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def position_uniform(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """(B, T) float64 uniforms in [0, 1) from per-row ``keys`` (B,) (int64 >= 0) and sequence
-    ``positions`` (B, T): a counter-based draw, so the value at a position never depends on how
-    many draws happened before (the point of reproducible seeded sampling)."""
-    keys = keys.to(device=positions.device, dtype=torch.long)
-    lo, hi = (keys & _MASK32)[:, None], ((keys >> 32) & _MASK32)[:, None]
-    h = _mix32(_mix32(_mix32((positions.long() & _MASK32) ^ _SALT_POS) ^ lo) ^ hi)
-    h2 = _mix32(h ^ _SALT_LOW)
-    bits = (h >> 5) * (1 << 26) + (h2 >> 6)  # 53 random bits
-    return bits.double() / float(1 << 53)
-
-
-def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Token ``F_p^-1(u)`` per row of ``p`` (B, V) at ``u`` (B,); ``NO_TOKEN`` for a row with no
-    valid token. Never returns a zero-probability token."""
-    p = p.double()
-    c = p.cumsum(-1)
-    total = c[:, -1]
-    ok = torch.isfinite(total) & (total > 0) & (p >= 0).all(-1)
-    c = torch.where(ok[:, None], c, torch.zeros_like(c))
-    x = torch.searchsorted(c, (u.double() * total.clamp(min=0).nan_to_num(0.0))[:, None], right=True)[:, 0]
-    v = p.shape[-1]
-    last = (v - 1) - torch.argmax((p > 0).flip(-1).to(torch.int8), dim=-1)  # rounding can overshoot
-    return torch.where(ok, torch.minimum(x, last), NO_TOKEN)
-
-
-def accept_coupled(tree: DraftTree, probs: torch.Tensor, u: torch.Tensor) -> Verdict:
-    """Seeded sampling: ``probs`` (B, 1+N, V) processed target probabilities, ``u`` (B, D+1) the
-    uniform of each depth's position (depth 0: the token after the root). Walk down the tree while
-    a child is the token ``F_p^-1(u)``; emit the path and that token at the first miss."""
+def accept_coupled(tree: DraftTree, probs: torch.Tensor, noise: Callable[[int], torch.Tensor]) -> Verdict:
+    """Seeded sampling: ``probs`` (B, 1+N, V) processed target probabilities; ``noise(d)`` (B, V)
+    the race noise of the position after depth ``d`` (depth 0: the token after the root). Walk down
+    the tree while a child is the race's winner ``argmax p / E``; emit the path and the winner at
+    the first miss. ``accept_prob`` is the outcome (0/1): a child drafted from the same noise is
+    accepted far more often than its ``p(x)``."""
     b, n = tree.tokens.shape
     dev = probs.device
     max_depth = int(tree.depth.max()) if n else 0
@@ -116,18 +77,15 @@ def accept_coupled(tree: DraftTree, probs: torch.Tensor, u: torch.Tensor) -> Ver
     path = torch.full((b, max_depth), -1, dtype=torch.long, device=dev)
     tested = torch.zeros(b, n, dtype=torch.bool, device=dev)
     accepted = torch.zeros(b, n, dtype=torch.bool, device=dev)
-    accept_prob = torch.zeros(b, n, dtype=torch.float32, device=dev)
     bonus = torch.zeros(b, dtype=torch.long, device=dev)
     for d in range(max_depth + 1):
         p = probs[rows, cur]  # (B, V)
-        y = inverse_cdf(p, u[:, d])
+        y = race_token(p, noise(d).to(dev))
         if d == max_depth:
             bonus = torch.where(alive, y, bonus)
             break
         children = _children_of(tree, cur, alive)
         tested |= children
-        # given its parent was reached, a child is accepted with its target probability
-        accept_prob = torch.where(children, p.gather(1, tree.tokens).float(), accept_prob)
         match = children & (tree.tokens == y[:, None])
         has = match.any(1)
         j = match.to(torch.int8).argmax(1)
@@ -139,7 +97,7 @@ def accept_coupled(tree: DraftTree, probs: torch.Tensor, u: torch.Tensor) -> Ver
         if not bool(has.any()):
             break
     n_acc = (path >= 0).sum(1)
-    return _finish(tree, path, n_acc, bonus, tested, accepted, accept_prob)
+    return _finish(tree, path, n_acc, bonus, tested, accepted, accepted.float())
 
 
 def node_step(p: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +166,6 @@ def accept_sampling(
         max_children = int(kids.max())
     rows = torch.arange(b, device=dev)
     cur = torch.zeros(b, dtype=torch.long, device=dev)
-    alive = torch.ones(b, dtype=torch.bool, device=dev)
     path = torch.full((b, max(max_depth, 0)), -1, dtype=torch.long, device=dev)
     tested = torch.zeros(b, n, dtype=torch.bool, device=dev)
     accepted = torch.zeros(b, n, dtype=torch.bool, device=dev)

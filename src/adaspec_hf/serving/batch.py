@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from adaspec_hf.core import NO_TOKEN_MESSAGE, GenerationStats, Proposer, RowBatch, SpecStep
-from adaspec_hf.core.verify import NO_TOKEN, inverse_cdf, position_uniform
+from adaspec_hf.core.race import NO_TOKEN, RaceNoise, race_token
 from adaspec_hf.policies import DraftPolicy
 from adaspec_hf.serving import requests
 from adaspec_hf.serving.handle import EngineClosed
@@ -97,12 +97,12 @@ class RunningBatch:
         return reason
 
     def first_token(self, r: Request, scores: torch.Tensor) -> int:
-        """The token after the prompt: argmax, or the position-keyed draw of the request's key."""
+        """The token after the prompt: argmax, or the winner of the request's race at its position."""
         if not r.do_sample:
             return int(scores.argmax(-1)[0])
-        key = torch.tensor([r.key], dtype=torch.long)
-        u = position_uniform(key, torch.tensor([[len(r.prompt)]]))[:, 0]
-        first = int(inverse_cdf(torch.softmax(scores.float(), -1).cpu(), u)[0])
+        probs = torch.softmax(scores.float(), -1).cpu()
+        noise = RaceNoise()(torch.tensor([r.key], dtype=torch.long), torch.tensor([len(r.prompt)]), probs.shape[-1])
+        first = int(race_token(probs, noise)[0])
         if first == NO_TOKEN:
             raise ValueError(NO_TOKEN_MESSAGE)
         return first

@@ -19,8 +19,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
-TRACE_FORMAT = 1
+from adaspec_hf.core.race import RaceNoise, race_scores, race_token
+
+TRACE_FORMAT = 2  # 2: sampled traces use the engine's race (candidates ranked by the shared noise)
 DEFAULT_WIDTH = 4  # draft candidates kept per position: enough for the widest default tree
 
 
@@ -75,27 +78,46 @@ class Trace:
         return cls([RowTrace(**r) for r in data["rows"]], bool(data["sampling"]), data.get("meta", {}))
 
 
+class _RaceSampler(LogitsProcessor):
+    """Turns greedy ``generate`` into the engine's seeded sampler: the next token is the winner of
+    the row's race (:mod:`adaspec_hf.core.race`) over ``softmax(scores / temperature)``."""
+
+    def __init__(self, key: int, temperature: float, noise: RaceNoise):
+        self.key, self.temperature, self.noise = key, temperature, noise
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        p = torch.softmax(scores.float() / self.temperature, -1)
+        pos = torch.tensor([input_ids.shape[1]])
+        y = race_token(p, self.noise(torch.tensor([self.key]), pos, p.shape[-1], p.device))
+        out = torch.full_like(scores, -float("inf"))
+        out[0, int(y[0])] = 0.0
+        return out
+
+
 @torch.no_grad()
 def record_trace(target, draft, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, do_sample: bool = False,
                  temperature: float = 1.0, seed: int = 0, width: int = DEFAULT_WIDTH, pad_token_id: int = 0,
                  eos_token_id: int | None = None, outputs: Sequence[Sequence[int]] | None = None) -> Trace:
-    """The target's output per prompt (its own ``generate``, greedy or sampled), then the draft's
-    top-``width`` candidates at every output position (one teacher-forced draft forward per row).
-    ``outputs``: the target's outputs if already known (e.g. another draft over the same target)."""
+    """The target's output per prompt (its own ``generate``: greedy, or sampled by the engine's
+    seeded race with key ``seed + i``), then the draft's top-``width`` candidates at every output
+    position (one teacher-forced draft forward per row). Sampled: the candidates are ranked by the
+    same race over the draft's distribution, as the drafter ranks them, with the draft's top-w
+    probabilities as their confidences. ``outputs``: the target's outputs if already known (e.g.
+    another draft over the same target, recorded with the same ``seed``)."""
     gen = getattr(target, "_adaspec_original_generate", None) or target.generate
+    noise = RaceNoise()
     rows = []
     for i, prompt in enumerate(prompts):
         ids = torch.tensor([list(prompt)], dtype=torch.long, device=target.device)
         if outputs is not None:
             y = list(outputs[i])
         else:
-            kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+            kw = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
                       attention_mask=torch.ones_like(ids))
             if eos_token_id is not None:
                 kw["eos_token_id"] = eos_token_id
             if do_sample:
-                kw.update(temperature=temperature, top_k=0, top_p=1.0)
-                torch.manual_seed(seed + i)
+                kw["logits_processor"] = LogitsProcessorList([_RaceSampler(seed + i, temperature, noise)])
             out = gen(ids, **kw)
             y = out[0, ids.shape[1]:].tolist()
             if eos_token_id is not None and eos_token_id in y:  # HF pads finished rows: keep through EOS
@@ -103,10 +125,15 @@ def record_trace(target, draft, prompts: Sequence[Sequence[int]], max_new_tokens
         full = torch.tensor([list(prompt) + y], dtype=torch.long, device=draft.device)
         logits = draft(full).logits[0, ids.shape[1] - 1: ids.shape[1] - 1 + len(y)].float()
         probs = torch.softmax(logits / (temperature if do_sample else 1.0), -1)
-        p, tok = probs.topk(min(width, probs.shape[-1]), dim=-1)
+        k = min(width, probs.shape[-1])
+        p, tok = probs.topk(k, dim=-1)
+        if do_sample:
+            pos = torch.arange(len(prompt), len(prompt) + len(y))
+            e = noise(torch.full((len(y),), seed + i), pos, probs.shape[-1], probs.device)
+            tok = race_scores(probs, e).topk(k, dim=-1).indices
         rows.append(RowTrace(len(prompt), y, tok.cpu().numpy(), p.cpu().numpy()))
     return Trace(rows, do_sample, {"max_new_tokens": max_new_tokens, "temperature": temperature if do_sample else 0.0,
-                                   "width": width, "seed": seed})
+                                   "width": width, "seed": seed, "sampler": "race" if do_sample else "greedy"})
 
 
 def synthetic_trace(n_rows: int, length: int, acceptance: float, *, confidence: float | None = None, width: int = 2,
