@@ -165,3 +165,31 @@ def test_uncertain_low_rate_rows_keep_drafting_when_it_pays():
     assert k >= 1  # the premise: drafting pays here
     res = simulate(planner(latency(ratio=20, growth=0.01)), tr, cost)
     assert res.mean_draft >= 0.5 and res.tokens_per_s >= 0.95 * statics[k].tokens_per_s
+
+
+def test_sampled_replay_reproduces_a_real_run(monkeypatch):
+    """T=0.7: the trace's race-ranked candidates are what the drafter proposes under the same key,
+    so a static chain replays the real decoder's accepted tokens step for step; a tree, whose nodes
+    off the output path the trace approximates (it has no draft distribution there), within 10%."""
+    import adaspec_hf.core.decoder as decoder
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper
+
+    target, draft = pair("llama")
+    prompts = [[5, 17, 33, 8, 41, 9], [11, 12, 13, 14]]
+    tr = record_trace(target, draft, prompts, max_new_tokens=30, do_sample=True, temperature=0.7, seed=40)
+    proc = LogitsProcessorList([TemperatureLogitsWarper(0.7)])
+    for policy in (StaticChain(3), StaticTree(3, 2)):
+        sim = simulate(copy.deepcopy(policy), tr, ProfileCost(latency()))
+        real_acc = []
+        for i, (p, row) in enumerate(zip(prompts, tr.rows)):
+            monkeypatch.setattr(decoder, "draw_keys", lambda n, g, _k=40 + i: torch.full((n,), _k))
+            out = SpeculativeDecoder(target, draft, copy.deepcopy(policy), do_sample=True, processors=proc,
+                                     pad_token_id=0).generate(torch.tensor([p]), None, 30)
+            assert out.new_tokens[0] == row.tokens  # the trace's sample is the engine's under that key
+            real_acc += [s.accepted[0] for s in out.stats.steps]
+        if isinstance(policy, StaticChain):
+            assert sim.accepted_per_step == [float(a) for a in real_acc], policy.name
+        else:
+            assert abs(sum(sim.accepted_per_step) - sum(real_acc)) <= 0.1 * sum(real_acc), (
+                sum(sim.accepted_per_step), sum(real_acc))
+        assert sum(real_acc) > 0

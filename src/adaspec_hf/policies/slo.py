@@ -11,6 +11,13 @@ from adaspec_hf.policies.planner import AdaptivePlanner
 from adaspec_hf.policies.selection import best_prefix, top_n_subtree
 
 
+SLO_WEIGHT = 2.0
+"""What one expected token of a row behind its TPOT track counts, against a row on track, when the
+SLO phase weighs raising its plan against what the raise costs the batch: enough to buy a behind row
+a wider verify or a deeper draft that slows the others a little, never one that costs the batch
+more tokens than twice what it gives the row."""
+
+
 class SLOPlanner(AdaptivePlanner):
     """AdaServe's speculate -> select -> verify on top of :class:`AdaptivePlanner`'s goodput model.
 
@@ -18,8 +25,9 @@ class SLOPlanner(AdaptivePlanner):
     a step always yields: ``tokens_needed = elapsed / tpot - produced`` at the end of the step) and
     can still meet it is served first:
 
-    * Draft: such rows draft (at least) while their calibrated expected tokens fall short of the need
-      and one more level raises *their own* predicted token rate (expected tokens / step time).
+    * Draft: such rows get more nodes and one more level while their calibrated expected tokens fall
+      short of the need and the raise lifts the *batch's* SLO-weighted goodput (a behind row's
+      tokens count ``SLO_WEIGHT`` times): a deeper draft or a wider verify delays every row.
     * Select, phase 1: neediest row first, each gets the prefix of its nodes (by calibrated path
       probability) that maximises its own token rate, up to the node that covers its need, within
       ``token_budget`` phase-1 nodes per step. Speculation that would slow a row down is never forced.
@@ -105,7 +113,13 @@ class SLOPlanner(AdaptivePlanner):
 
     def _serve_behind(self, ctx: LevelContext, n_add: torch.Tensor, n_exp: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raise the goodput plan of this level for rows behind their TPOT track, neediest first."""
+        """Raise the goodput plan of this level for rows behind their TPOT track, neediest first.
+
+        Every raise is judged by the batch, not by the row: more nodes widen everyone's verify and
+        another draft level delays every row, so a raise is taken only while it lifts the batch's
+        SLO-weighted goodput (expected tokens, a behind row's counted ``SLO_WEIGHT`` times, per
+        predicted step second). Judged by the row's own rate alone, the raises of many behind rows
+        slowed the whole batch until more rows fell behind (simulated serving, GPU-shaped cost)."""
         st = self._step
         v, node_path = self._candidate_values(ctx)
         have = node_path.sum(1) if ctx.tree.width else torch.zeros(v.shape[0], device=v.device)
@@ -119,29 +133,32 @@ class SLOPlanner(AdaptivePlanner):
         short_l, have_l, need_l = short.tolist(), have.tolist(), need.tolist()
         have_n_l, add_l, exp_l = have_n.tolist(), n_add.tolist(), n_exp.tolist()
         depth_l, v_l = ctx.max_depth.tolist(), v.tolist()
-        extra_draft = None
+        weight = [SLO_WEIGHT if x > 0 else 1.0 for x in need_l]
+        tokens = sum(w * (1.0 + h + sum(vals[:k])) for w, h, vals, k in zip(weight, have_l, v_l, add_l))
+        drafting = any(x > 0 for x in exp_l)  # the next level is drafted anyway: more expansions cost no forward
+        extra_draft = self._draft_cost(st.rows, e, st.context)
         for r in sorted(range(len(short_l)), key=lambda i: -short_l[i]):
             if short_l[r] <= 0:
                 break
             vals = v_l[r]
-            useful, acc = [], 0.0
-            for x in vals:  # candidates up to (and including) the one that covers the need
-                if x < self.min_node_value or acc >= short_l[r]:
+            # more nodes for the row, up to the one that covers its need, while the batch gains
+            while add_l[r] < len(vals) and sum(vals[: add_l[r]]) < short_l[r] and vals[add_l[r]] >= self.min_node_value:
+                k = add_l[r] + 1
+                wider = max(width, have_n_l[r] + k)
+                gain = weight[r] * vals[k - 1]
+                if (tokens + gain) / (spent + self._verify_at(wider)) <= tokens / (spent + self._verify_at(width)):
                     break
-                useful.append(x)
-                acc += x
-            k = max(self._best_prefix(useful, have_l[r], have_n_l[r], width, spent), add_l[r])
-            add_l[r] = k
-            width = max(width, have_n_l[r] + k)
+                add_l[r], tokens, width = k, tokens + gain, wider
+            k = add_l[r]
             got = have_l[r] + sum(vals[:k])
-            if k and got < need_l[r] and depth_l[r] > ctx.level:
-                if extra_draft is None:
-                    extra_draft = self._draft_cost(st.rows, e, st.context)
-                child = max(vals[: min(k, e)]) * float(alpha[r])
-                now = (1.0 + got) / (spent + self._verify_at(width))
-                more = (1.0 + got + child) / (spent + extra_draft + self._verify_at(max(width, have_n_l[r] + k + 1)))
+            if k and got < need_l[r] and depth_l[r] > ctx.level and exp_l[r] < min(k, e):
+                child = weight[r] * max(vals[: min(k, e)]) * float(alpha[r])
+                cost = 0.0 if drafting else extra_draft
+                now = tokens / (spent + self._verify_at(width))
+                more = (tokens + child) / (spent + cost + self._verify_at(max(width, have_n_l[r] + k + 1)))
                 if more > now:
-                    exp_l[r] = max(exp_l[r], min(k, e))
+                    exp_l[r] = min(k, e)
+                    drafting = True
         n_add = torch.tensor(add_l, dtype=n_add.dtype, device=n_add.device)
         n_exp = torch.minimum(torch.tensor(exp_l, dtype=n_exp.dtype, device=n_exp.device), n_add)
         return n_add, n_exp

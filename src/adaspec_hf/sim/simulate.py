@@ -22,6 +22,53 @@ from adaspec_hf.sim.trace import Trace
 
 
 @dataclass
+class SimStep:
+    """One simulated step: what was verified, what was accepted, what it cost."""
+
+    tree: DraftTree
+    n_accepted: torch.Tensor  # (B,)
+    step_time: float
+
+
+def sim_step(call: "_Timed", rows, n_gen: list[int], ctx: StepContext, cost: CostCurve, width: int) -> SimStep:
+    """Draft (as the drafter offers candidates), select, verify (from the trace) and charge one
+    step of rows ``rows`` (trace rows, ``n_gen`` tokens generated each) under ``call``'s policy;
+    the policy observes the outcome."""
+    b = len(rows)
+    remaining, length, ids = ctx.remaining, ctx.context_len, ctx.row_ids
+    md = torch.minimum(call("max_depth", ctx).cpu().clamp(min=0), (remaining - 1).clamp(min=0))
+    nodes, forwards = ([[] for _ in range(b)], 0)
+    drafted_any = bool((md > 0).any())
+    if drafted_any:
+        nodes, forwards = _grow(call, rows, n_gen, ctx, md, width)
+    tree = _tree(nodes, b)
+    on_path = torch.zeros_like(tree.valid)
+    for i, row in enumerate(nodes):
+        for j, nd in enumerate(row):
+            on_path[i, j] = nd[4]
+    if tree.width:
+        keep = call("select", tree, ctx).cpu() & tree.valid
+        on_path = torch.stack([torch.cat([on_path[i][keep[i]], torch.zeros(tree.width - int(keep[i].sum()), dtype=torch.bool)])
+                               for i in range(b)])
+        tree = tree.select(keep)
+        on_path = on_path[:, : tree.width] & tree.valid
+    accepted = on_path
+    n_acc = accepted.sum(1)
+    par = tree.parents
+    par_ok = torch.where(par >= 0, accepted.gather(1, par.clamp(min=0)) if tree.width else par >= 0, True)
+    tested = tree.valid & par_ok
+    context = float(length.float().mean())
+    q = 1 + (int(tree.valid.sum(1).max()) if tree.width else 0)
+    draft_time = (1 + forwards) * cost.draft(b, 1.0, context) if drafted_any else 0.0
+    verify_time = cost.verify(b, q, context)
+    step_time = cost.overhead + draft_time + verify_time
+    call("observe", StepOutcome(tree=tree, n_accepted=n_acc, tested=tested, accept_prob=accepted.float(),
+                                accepted=accepted, step_time=step_time, draft_time=draft_time,
+                                verify_time=verify_time, context_len=length + n_acc + 1, row_ids=ids))
+    return SimStep(tree=tree, n_accepted=n_acc, step_time=step_time)
+
+
+@dataclass
 class SimResult:
     policy: str
     tokens: int = 0
@@ -158,35 +205,8 @@ def simulate(policy: DraftPolicy, trace: Trace, cost: CostCurve, *, batch: int =
             remaining = torch.tensor([limit[i] - n_gen[i] for i in active], dtype=torch.long)
             ctx = StepContext(rows=b, context_len=length, remaining=remaining, sampling=trace.sampling, step=step,
                               row_ids=ids)
-            md = torch.minimum(call("max_depth", ctx).cpu().clamp(min=0), (remaining - 1).clamp(min=0))
-            nodes, forwards = ([[] for _ in range(b)], 0)
-            drafted_any = bool((md > 0).any())
-            if drafted_any:
-                nodes, forwards = _grow(call, rows, [n_gen[i] for i in active], ctx, md, max(1, policy.max_children))
-            tree = _tree(nodes, b)
-            on_path = torch.zeros_like(tree.valid)
-            for i, row in enumerate(nodes):
-                for j, nd in enumerate(row):
-                    on_path[i, j] = nd[4]
-            if tree.width:
-                keep = call("select", tree, ctx).cpu() & tree.valid
-                on_path = torch.stack([torch.cat([on_path[i][keep[i]], torch.zeros(tree.width - int(keep[i].sum()), dtype=torch.bool)])
-                                       for i in range(b)])
-                tree = tree.select(keep)
-                on_path = on_path[:, : tree.width] & tree.valid
-            accepted = on_path
-            n_acc = accepted.sum(1)
-            par = tree.parents
-            par_ok = torch.where(par >= 0, accepted.gather(1, par.clamp(min=0)) if tree.width else par >= 0, True)
-            tested = tree.valid & par_ok
-            context = float(length.float().mean())
-            width = 1 + (int(tree.valid.sum(1).max()) if tree.width else 0)
-            draft_time = (1 + forwards) * cost.draft(b, 1.0, context) if drafted_any else 0.0
-            verify_time = cost.verify(b, width, context)
-            step_time = cost.overhead + draft_time + verify_time
-            call("observe", StepOutcome(tree=tree, n_accepted=n_acc, tested=tested, accept_prob=accepted.float(),
-                                        accepted=accepted, step_time=step_time, draft_time=draft_time,
-                                        verify_time=verify_time, context_len=length + n_acc + 1, row_ids=ids))
+            st = sim_step(call, rows, [n_gen[i] for i in active], ctx, cost, max(1, policy.max_children))
+            n_acc, tree, step_time = st.n_accepted, st.tree, st.step_time
             emit = torch.minimum(n_acc + 1, remaining).tolist()
             res.steps += 1
             res.time += step_time
