@@ -14,7 +14,6 @@ per target pass, mean draft length, decision time share; ours / best static and 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -22,16 +21,12 @@ from pathlib import Path
 import torch
 
 from adaspec_hf.bench.drafts import perfect_draft, random_draft
-from adaspec_hf.bench.harness import machine_info
+from adaspec_hf.bench.harness import machine_info, simulation_arguments
 from adaspec_hf.bench.prompts import load_prompt_ids
 from adaspec_hf.machine import is_busy, load_average
 from adaspec_hf.pair import load_models
 from adaspec_hf.policies.build import fresh_state
-from adaspec_hf.policies.registry import make_policy
-from adaspec_hf.config import AdaptiveConfig
-from adaspec_hf.efficiency.latency import LatencyModel
-from adaspec_hf.policies.registry import needs_profile as make_policy_needs_profile
-from adaspec_hf.sim import GpuShapedCost, ProfileCost, Trace, oracle_chain, record_trace, simulate
+from adaspec_hf.sim import GpuShapedCost, ProfileCost, Trace, oracle_chain, policy_on, record_trace, simulate
 
 STATIC = list(range(0, 11))
 BASELINES = ["heuristic", "confidence", "smartspec", "tree-4x2"]
@@ -41,15 +36,7 @@ OURS = ["adaptive", "adaptive-tree"]
 def run_policies(names, trace: Trace, cost, target, draft, batch: int) -> dict[str, dict]:
     out = {}
     for name in names:
-        if isinstance(cost, GpuShapedCost) and make_policy_needs_profile(name):
-            # planners plan with the curve they are charged with (the pair's profile is this CPU's)
-            t, d = cost.as_latency_points()
-            lat = LatencyModel.from_points(t, d, overhead=cost.overhead, bounds=(1.0, 1.0))
-            policy = make_policy(AdaptiveConfig(policy=name), target, draft, sampling=trace.sampling, fresh=True)
-            policy.latency = lat
-        else:
-            policy = make_policy(name, target, draft, sampling=trace.sampling, fresh=True)
-        res = simulate(policy, trace, cost, batch=batch)
+        res = simulate(policy_on(name, cost, target, draft, sampling=trace.sampling), trace, cost, batch=batch)
         out[name] = res.summary()
         if batch == 1 and name in OURS:  # per-step series for the plot (kept small: batch 1, ours)
             out[name].update(chosen=res.chosen, accepted_per_step=res.accepted_per_step)
@@ -74,20 +61,12 @@ def mixed_trace(trace: Trace, n: int) -> Trace:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target")
-    ap.add_argument("--draft")
-    ap.add_argument("--allow-weak-pair", action="store_true")
-    ap.add_argument("--n-prompts", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap = simulation_arguments(__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     ap.add_argument("--drafts", default="built-in,perfect,random")
-    ap.add_argument("--modes", default="greedy,sampling")
-    ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--cost", choices=["profile", "gpu"], default="profile",
                     help="charge steps with the pair's profile on this machine, or a GPU-shaped curve (verify "
                          "flat up to 256 tokens then linear, 2 ms per draft level; planners plan with it)")
-    ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
     load = load_average()

@@ -12,43 +12,23 @@ The "goal rate" is the lowest rate where no speculation attains below 80%.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
 
 import torch
 
-from adaspec_hf.bench.harness import machine_info
+from adaspec_hf.bench.harness import machine_info, simulation_arguments
 from adaspec_hf.bench.prompts import load_prompt_ids
-from adaspec_hf.config import AdaptiveConfig
-from adaspec_hf.efficiency.latency import LatencyModel
 from adaspec_hf.pair import load_models
 from adaspec_hf.policies.build import fresh_state
-from adaspec_hf.policies.registry import make_policy, needs_profile
-from adaspec_hf.sim import GpuShapedCost, ProfileCost, poisson_requests, record_trace, simulate_serving
+from adaspec_hf.sim import GpuShapedCost, ProfileCost, poisson_requests, policy_on, record_trace, simulate_serving
 
 SYSTEMS = "static-0,static-2,static-4,adaspec,adaptive,slo,adaptive-tree,slo-tree"
 
 
-def policy_for(name: str, cost, target, draft, sampling: bool):
-    if isinstance(cost, GpuShapedCost) and needs_profile(name):
-        t, d = cost.as_latency_points()
-        policy = make_policy(AdaptiveConfig(policy=name), target, draft, sampling=sampling, fresh=True)
-        policy.latency = LatencyModel.from_points(t, d, overhead=cost.overhead, bounds=(1.0, 1.0))
-        return policy
-    return make_policy(name, target, draft, sampling=sampling, fresh=True)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target")
-    ap.add_argument("--draft")
-    ap.add_argument("--allow-weak-pair", action="store_true")
-    ap.add_argument("--n-prompts", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--modes", default="greedy,sampling")
-    ap.add_argument("--temperature", type=float, default=0.7)
+    ap = simulation_arguments(__doc__.splitlines()[0])
     ap.add_argument("--cost", default="gpu,profile")
     ap.add_argument("--systems", default=SYSTEMS)
     ap.add_argument("--requests", type=int, default=160)
@@ -59,7 +39,6 @@ def main() -> None:
     ap.add_argument("--tight", type=float, default=1.2)
     ap.add_argument("--loose", type=float, default=3.0)
     ap.add_argument("--tight-fraction", type=float, default=0.5)
-    ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
     target, draft, tok = load_models(args.target, args.draft, allow_weak_pair=args.allow_weak_pair)
@@ -97,7 +76,7 @@ def main() -> None:
                 reqs = poisson_requests(args.requests, rate, len(trace.rows), classes, seed=0,
                                         cv=args.cv if args.arrival == "gamma" else 1.0)
                 for name in systems:
-                    res = simulate_serving(policy_for(name, cost, target, draft, sampling), trace, cost, reqs,
+                    res = simulate_serving(policy_on(name, cost, target, draft, sampling=sampling), trace, cost, reqs,
                                            max_rows=args.max_rows)
                     s = res.summary(["tight", "loose"])
                     s.update(rate=rate, fraction=frac, system=name)

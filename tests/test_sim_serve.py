@@ -72,3 +72,15 @@ def test_the_slo_phase_does_not_slow_the_batch_to_serve_behind_rows():
         out[cls.__name__] = (res.attainment("tight"), res.goodput())
     (ta, ga), (ts, gs) = out["AdaptivePlanner"], out["SLOPlanner"]
     assert ts >= ta and gs >= 0.97 * ga, out
+
+
+def test_a_planner_charged_with_the_gpu_curve_plans_with_it():
+    from adaspec_hf.sim import policy_on
+    from conftest import pair
+
+    target, draft = pair("llama")
+    cost = GpuShapedCost()
+    planner = policy_on("adaptive", cost, target, draft, sampling=False)
+    assert abs(planner.latency.target_time(4, 8, 100.0) - cost.verify(4, 8, 100.0)) < 1e-6
+    assert abs(planner.latency.draft_time(4, 1, 100.0) - cost.draft(4, 1, 100.0)) < 1e-6
+    assert policy_on("static-3", cost, target, draft, sampling=False).name == "static-3"

@@ -247,6 +247,17 @@ def pair_arguments(description: str) -> argparse.ArgumentParser:
     return ap
 
 
+def simulation_arguments(description: str, n_prompts: int = 32) -> argparse.ArgumentParser:
+    """:func:`pair_arguments` plus what the offline simulations share: the traces' prompts, length,
+    modes and sampling temperature."""
+    ap = pair_arguments(description)
+    ap.add_argument("--n-prompts", type=int, default=n_prompts)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--modes", default="greedy,sampling")
+    ap.add_argument("--temperature", type=float, default=0.7)
+    return ap
+
+
 def open_pair(args, what: str | None = "timings will be disturbed"):
     """(target, draft, tokenizer) from :func:`pair_arguments`' options, after warning when the
     machine is busy (``what``: what a busy machine spoils in this benchmark; None: nothing is timed)."""

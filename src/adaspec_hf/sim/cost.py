@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from adaspec_hf.config import AdaptiveConfig
+from adaspec_hf.efficiency.latency import LatencyModel
+from adaspec_hf.policies.registry import make_policy, needs_profile
+
 
 class CostCurve(Protocol):
     overhead: float
@@ -55,3 +59,15 @@ class GpuShapedCost:
         t = [[r, q, c, self.verify(r, q, c)] for r in rows for q in tokens for c in contexts]
         d = [[r, q, c, self.draft(r, q, c)] for r in rows for q in tokens for c in contexts]
         return t, d
+
+
+def policy_on(name: str, cost: CostCurve, target, draft, *, sampling: bool):
+    """A fresh ``name`` policy for a simulation charged with ``cost``: a planner charged with a
+    GPU-shaped curve plans with that curve (the pair's own profile is this machine's), every other
+    policy as :func:`~adaspec_hf.policies.registry.make_policy` builds it."""
+    if isinstance(cost, GpuShapedCost) and needs_profile(name):
+        policy = make_policy(AdaptiveConfig(policy=name), target, draft, sampling=sampling, fresh=True)
+        t, d = cost.as_latency_points()
+        policy.latency = LatencyModel.from_points(t, d, overhead=cost.overhead, bounds=(1.0, 1.0))
+        return policy
+    return make_policy(name, target, draft, sampling=sampling, fresh=True)
