@@ -116,7 +116,8 @@ def goals(runs: list[dict]) -> dict:
            "best_static_or_none": best["system"]}
     if (goal, "slo-tree") in by and (goal, "adaptive-tree") in by:
         st, at = by[(goal, "slo-tree")], by[(goal, "adaptive-tree")]
-        out.update(tight_slo_tree=st["attainment_by_class"]["tight"], tight_adaptive_tree=at["attainment_by_class"]["tight"],
+        out.update(tight_slo_tree=st["attainment_by_class"]["tight"],
+                   tight_adaptive_tree=at["attainment_by_class"]["tight"],
                    goodput_slo_tree_vs_adaptive_tree=st["goodput"] / at["goodput"] if at["goodput"] else None)
     return out
 

@@ -142,3 +142,18 @@ def test_any_tree_emits_exactly_the_plain_samplers_tokens(data):
         cur = kids[0] + 1
     k = int(got.n_emitted[0])
     assert got.emitted[0, :k].tolist() == want
+
+
+@pytest.mark.parametrize("policy", [StaticTree(3, 2), "adaptive"])
+def test_sampled_drafts_refuse_policies_that_read_them(policy):
+    """Speculative sampling of drafts sampled from q is lossless only if no decision depends on
+    them: a planner (which prunes by probability) or a tree is refused with a clear error."""
+    from adaspec_hf.core.step import SpecStep
+    from adaspec_hf.policies.planner import AdaptivePlanner
+
+    from test_sim import latency
+
+    p = AdaptivePlanner(latency()) if policy == "adaptive" else policy
+    with pytest.raises(ValueError, match="draft_sampling=True needs a fixed-length chain"):
+        SpecStep(p, draft_sampling=True)
+    SpecStep(StaticChain(3), draft_sampling=True)  # fixed length: fine

@@ -75,11 +75,23 @@ class SpecStep:
     ``draft_sampling``: sample chain drafts from the draft's distribution (else the draft's top
     tokens, which the lossless acceptance rule handles for greedy and sampling rows alike).
     ``generator``: for sampled rows without keys (:meth:`RowSource.sample_keys`), and sampled drafts.
+
+    Sampled drafts are verified by speculative sampling (accept with min(1, p/q)), which is lossless
+    only if whether a sampled node is verified does not depend on that node; a policy that keeps or
+    prunes nodes by their probability (a planner, a confidence threshold) would bias the output, so
+    ``draft_sampling=True`` takes fixed-length chains only (a policy with ``reads_drafts = False``).
+    Keyed rows (what ``generate`` and the engine use) need none of this: their race is exact
+    whatever is drafted.
     """
 
     def __init__(self, policy: DraftPolicy, *, proposer: Proposer | None = None, draft_sampling: bool = False,
                  generator: torch.Generator | None = None, timing: bool = True):
         self.policy = policy
+        if draft_sampling and (policy.reads_drafts or policy.max_children != 1):
+            raise ValueError(
+                f"draft_sampling=True needs a fixed-length chain policy (StaticChain), got {policy.name!r}: "
+                "sampled drafts verified by speculative sampling stay lossless only if no decision depends on "
+                "the sampled tokens; give the rows sampling keys (RowSource.sample_keys) instead")
         self.proposer = proposer if proposer is not None else DraftModelProposer(draft_sampling, generator)
         self.draft_sampling = draft_sampling
         self.generator = generator

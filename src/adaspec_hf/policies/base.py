@@ -18,7 +18,7 @@ class DraftPolicy:
 
     What owners of a step (``generate``, the serving engine, benchmarks) may read, declared here so
     that none of them needs ``getattr`` or type switches: :attr:`name`, :attr:`max_children`,
-    :attr:`needs_profile`, :attr:`trims`, :attr:`predicted_time`, :attr:`latency`, :meth:`forget`,
+    :attr:`needs_profile`, :attr:`trims`, :attr:`reads_drafts`, :attr:`predicted_time`, :attr:`latency`, :meth:`forget`,
     :meth:`reset`.
     """
 
@@ -28,6 +28,7 @@ class DraftPolicy:
     predicted_time: float | None = None  # the policy's predicted seconds for the step it just planned
     latency = None  # the LatencyModel it plans with, if any (the engine's admission control reuses it)
     trims = False  # select() keeps the goodput-best part of a tree (so free prompt-lookup levels are worth offering)
+    reads_drafts = True  # choose()/select() may depend on the drafted tokens' probabilities (False: fixed shapes only)
 
     def max_depth(self, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError

@@ -12,6 +12,8 @@ from adaspec_hf.policies.base import DraftPolicy, LevelContext, StepContext
 class StaticChain(DraftPolicy):
     """Fixed draft length ``k`` for every row and step (``k=0``: no speculation)."""
 
+    reads_drafts = False  # k levels whatever is drafted
+
     def __init__(self, k: int):
         if k < 0:
             raise ValueError(f"draft length must be >= 0, got {k}")
