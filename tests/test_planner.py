@@ -158,3 +158,23 @@ def test_measured_costs_override_the_profile():
     for _ in range(planner.observed.confirm):
         planner.observed.add(1, 3, profile_q3 * 10)
     assert planner._costs(1, 10, 3)[2] == pytest.approx(profile_q3 * 10)
+
+
+def test_top_children_and_runners_up_have_their_own_calibration():
+    """At the same draft probability a parent's top child and its runners-up are accepted at very
+    different rates (with a draft that is the target, 1 and 0): one calibration pooled over both
+    undervalued deep chains and overvalued siblings, so trees grew wide instead of deep."""
+    from adaspec_hf.core.tree import top_among_siblings
+    from adaspec_hf.efficiency.state import ModeState
+
+    prob = torch.tensor([[0.4, 0.3, 0.3, 0.2]])
+    parent = torch.tensor([[-1, -1, 0, 0]])
+    assert top_among_siblings(prob, parent).tolist() == [[True, False, True, False]]
+    mode = ModeState()
+    p = torch.full((400,), 0.3)
+    d = torch.ones(400, dtype=torch.long)
+    runner = torch.arange(400) % 2 == 1
+    for _ in range(5):
+        mode.update(p, d, (~runner).float(), None, runner)
+    pred = mode.predict(p[:2], d[:2], None, runner[:2])
+    assert pred[0] > 0.8 and pred[1] < 0.1

@@ -140,3 +140,15 @@ class DraftTree:
             sampled=g(self.sampled, False), q=g(self.q, 0.0), draft_slot=g(self.draft_slot, -1),
             lookup=g(self.lookup, False),
         )
+
+
+def top_among_siblings(prob: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+    """(B, N) whether each node is the most probable of its siblings (ties: the first), where
+    ``parent`` (B, N) keys the sibling groups (give padding unique keys). A node's top child and its
+    runners-up are accepted at different rates for the same draft probability."""
+    c = prob.shape[1]
+    same = parent[:, :, None] == parent[:, None, :]
+    idx = torch.arange(c, device=prob.device)
+    better = (prob[:, None, :] > prob[:, :, None]) | (
+        (prob[:, None, :] == prob[:, :, None]) & (idx[None, None, :] < idx[None, :, None]))
+    return ~(same & better).any(-1)

@@ -58,22 +58,29 @@ class ModeState:
     acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
     running_rate: float | None = None  # the pair's acceptance rate of drafted nodes (None: not seen yet)
     lookup: AcceptanceModel = field(default_factory=AcceptanceModel)
+    # a draft node that is not its parent's most probable child (a tree's runner-up): at the same
+    # draft probability it is accepted far less often than a top child (at most one sibling can be)
+    sibling: AcceptanceModel = field(default_factory=AcceptanceModel)
 
-    def predict(self, draft_prob: torch.Tensor, depth: torch.Tensor,
-                lookup: torch.Tensor | None = None) -> torch.Tensor:
+    def _kinds(self, lookup: torch.Tensor | None, sibling: torch.Tensor | None, like: torch.Tensor):
+        """(model, mask) per kind of node: prompt lookup first, then runners-up, then top children."""
+        none = torch.zeros_like(like, dtype=torch.bool)
+        is_l = none if lookup is None else lookup.to(like.device)
+        is_s = none if sibling is None else (sibling.to(like.device) & ~is_l)
+        return ((self.lookup, is_l), (self.sibling, is_s), (self.acceptance, ~(is_l | is_s)))
+
+    def predict(self, draft_prob: torch.Tensor, depth: torch.Tensor, lookup: torch.Tensor | None = None,
+                sibling: torch.Tensor | None = None) -> torch.Tensor:
         pred = self.acceptance.predict(draft_prob, depth)
-        if lookup is None or not bool(lookup.any()):
-            return pred
-        other = self.lookup.predict(draft_prob, depth).to(pred.device, pred.dtype)
-        return torch.where(lookup.to(pred.device), other, pred)
+        for model, mask in self._kinds(lookup, sibling, pred)[:2]:
+            if bool(mask.any()):
+                pred = torch.where(mask, model.predict(draft_prob, depth).to(pred.device, pred.dtype), pred)
+        return pred
 
     def update(self, draft_prob: torch.Tensor, depth: torch.Tensor, outcome: torch.Tensor,
-               lookup: torch.Tensor | None = None) -> None:
+               lookup: torch.Tensor | None = None, sibling: torch.Tensor | None = None) -> None:
         """Fold verified nodes (1-D tensors) into their own kind's calibration."""
-        if lookup is None or not bool(lookup.any()):
-            self.acceptance.update(draft_prob, depth, outcome)
-            return
-        for model, keep in ((self.acceptance, ~lookup), (self.lookup, lookup)):
+        for model, keep in self._kinds(lookup, sibling, draft_prob):
             if bool(keep.any()):
                 model.update(draft_prob[keep], depth[keep], outcome[keep])
 

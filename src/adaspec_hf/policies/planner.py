@@ -29,7 +29,7 @@ from adaspec_hf.policies.base import DraftPolicy, LevelContext, StepContext, Ste
 from adaspec_hf.policies.chain import plan_chain_level, select_chain
 from adaspec_hf.policies.choice import skip_draft
 from adaspec_hf.policies.selection import best_prefix, goodput_budget
-from adaspec_hf.core.tree import DraftTree
+from adaspec_hf.core.tree import DraftTree, top_among_siblings
 
 logger = logging.getLogger("adaspec_hf")
 
@@ -214,18 +214,13 @@ class AdaptivePlanner(DraftPolicy):
         running acceptance rate (a high-entropy draft whose argmax agrees would otherwise never be
         tried); lower-ranked siblings keep the calibrated estimate, since at most one sibling can
         be accepted."""
-        pred = self.mode.predict(draft_prob, depth, lookup).to(draft_prob.device)
+        top = top_among_siblings(draft_prob, parent)
+        pred = self.mode.predict(draft_prob, depth, lookup, ~top).to(draft_prob.device)
         scale = self._step.row_scale if self._step is not None and self._step.row_scale is not None else None
         scale = torch.ones(pred.shape[0]) if scale is None else torch.from_numpy(scale)
         row_pred = (pred * scale.to(pred.device, pred.dtype)[:, None]).clamp(0.0, 1.0)
         n = float(self.acceptance.n.sum()) if hasattr(self.acceptance, "n") else 0.0
         w = n / (n + self.calibration_warmup)
-        c = draft_prob.shape[1]
-        same = parent[:, :, None] == parent[:, None, :]
-        idx = torch.arange(c, device=draft_prob.device)
-        better = (draft_prob[:, None, :] > draft_prob[:, :, None]) | (
-            (draft_prob[:, None, :] == draft_prob[:, :, None]) & (idx[None, None, :] < idx[None, :, None]))
-        top = ~(same & better).any(-1)
         blend = w * row_pred + (1 - w) * row_alpha.to(pred.dtype)
         out = torch.where(top, torch.maximum(blend, row_pred), pred)
         if lookup is None:  # else prompt-lookup nodes: their own calibration and row factor, not the draft's
@@ -379,13 +374,15 @@ class AdaptivePlanner(DraftPolicy):
             is_l = tree.lookup.cpu() if tree.lookup is not None else torch.zeros_like(tested.cpu())
             model, look = (tested.cpu() & ~is_l), (tested.cpu() & is_l)
             # what the calibrations predicted for the tested nodes, before they learn from them
-            pred_all = self.mode.predict(tree.draft_prob.float(), tree.depth.clamp(min=1), tree.lookup).cpu()
+            keys = torch.where(tree.valid, tree.parents, -2 - torch.arange(tree.width, device=tree.parents.device))
+            runner = ~top_among_siblings(tree.draft_prob.float(), keys).cpu()  # not its parent's top child
+            pred_all = self.mode.predict(tree.draft_prob.float(), tree.depth.clamp(min=1), tree.lookup, runner).cpu()
             y = target.float().cpu()
             predicted, got = (pred_all * model).sum(1).tolist(), (y * model).sum(1).tolist()
             self.row_lookup.observe(ids, y * look, pred_all * look, look)
             if bool(tested.any()):
                 self.mode.update(tree.draft_prob[tested].float(), tree.depth[tested], target[tested].float(),
-                                 None if tree.lookup is None else tree.lookup[tested])
+                                 None if tree.lookup is None else tree.lookup[tested], runner.to(tested.device)[tested])
             n_tested = model.sum(1).tolist()
             n_acc = (outcome.accepted.cpu() & ~is_l & tree.valid.cpu()).sum(1).tolist()
             w = self.config.row_ema
