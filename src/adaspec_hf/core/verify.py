@@ -62,14 +62,12 @@ def draw_keys(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     return torch.randint(0, KEY_RANGE, (n,), generator=generator, device=dev).cpu()
 
 
-def accept_coupled(tree: DraftTree, probs: torch.Tensor, noise: Callable[[int], torch.Tensor]) -> Verdict:
-    """Seeded sampling: ``probs`` (B, 1+N, V) processed target probabilities; ``noise(d)`` (B, V)
-    the race noise of the position after depth ``d`` (depth 0: the token after the root). Walk down
-    the tree while a child is the race's winner ``argmax p / E``; emit the path and the winner at
-    the first miss. ``accept_prob`` is the outcome (0/1): a child drafted from the same noise is
-    accepted far more often than its ``p(x)``."""
+def _follow(tree: DraftTree, pick: Callable[[int, torch.Tensor], torch.Tensor], dev) -> Verdict:
+    """Walk down the tree while a child is the target's own token, ``pick(d, cur)`` (B,) after
+    verify index ``cur`` at depth ``d``; emit the path and that token at the first miss (or at the
+    deepest node). The target's token never depends on the tree, so whatever is drafted the output
+    is what the target alone would emit; ``accept_prob`` is the outcome (0/1)."""
     b, n = tree.tokens.shape
-    dev = probs.device
     max_depth = int(tree.depth.max()) if n else 0
     rows = torch.arange(b, device=dev)
     cur = torch.zeros(b, dtype=torch.long, device=dev)
@@ -79,8 +77,7 @@ def accept_coupled(tree: DraftTree, probs: torch.Tensor, noise: Callable[[int], 
     accepted = torch.zeros(b, n, dtype=torch.bool, device=dev)
     bonus = torch.zeros(b, dtype=torch.long, device=dev)
     for d in range(max_depth + 1):
-        p = probs[rows, cur]  # (B, V)
-        y = race_token(p, noise(d).to(dev))
+        y = pick(d, cur)
         if d == max_depth:
             bonus = torch.where(alive, y, bonus)
             break
@@ -98,6 +95,16 @@ def accept_coupled(tree: DraftTree, probs: torch.Tensor, noise: Callable[[int], 
             break
     n_acc = (path >= 0).sum(1)
     return _finish(tree, path, n_acc, bonus, tested, accepted, accepted.float())
+
+
+def accept_coupled(tree: DraftTree, probs: torch.Tensor, noise: Callable[[int], torch.Tensor]) -> Verdict:
+    """Seeded sampling: ``probs`` (B, 1+N, V) processed target probabilities; ``noise(d)`` (B, V)
+    the race noise of the position after depth ``d`` (depth 0: the token after the root). The
+    target's token is the race's winner ``argmax p / E``; a child drafted from the same noise is
+    accepted far more often than its ``p(x)``."""
+    dev = probs.device
+    rows = torch.arange(probs.shape[0], device=dev)
+    return _follow(tree, lambda d, cur: race_token(probs[rows, cur], noise(d).to(dev)), dev)
 
 
 def node_step(p: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,32 +131,10 @@ def _children_of(tree: DraftTree, cur: torch.Tensor, alive: torch.Tensor) -> tor
 
 
 def accept_greedy(tree: DraftTree, scores: torch.Tensor) -> Verdict:
-    """``scores`` (B, 1+N, V) processed target scores at root and nodes."""
-    b, n = tree.tokens.shape
-    dev = scores.device
+    """``scores`` (B, 1+N, V) processed target scores at root and nodes: the target's token is
+    their argmax."""
     target = scores.argmax(-1)  # (B, 1+N)
-    max_depth = int(tree.depth.max()) if n else 0
-    cur = torch.zeros(b, dtype=torch.long, device=dev)
-    alive = torch.ones(b, dtype=torch.bool, device=dev)
-    path = torch.full((b, max_depth), -1, dtype=torch.long, device=dev)
-    tested = torch.zeros(b, n, dtype=torch.bool, device=dev)
-    accepted = torch.zeros(b, n, dtype=torch.bool, device=dev)
-    for d in range(max_depth):
-        children = _children_of(tree, cur, alive)
-        tested |= children
-        want = target.gather(1, cur[:, None])
-        match = children & (tree.tokens == want)
-        has = match.any(1)
-        j = match.to(torch.int8).argmax(1)
-        path[:, d] = torch.where(has, j, -1)
-        accepted[torch.arange(b, device=dev)[has], j[has]] = True
-        cur = torch.where(has, j + 1, cur)
-        alive = has
-        if not bool(has.any()):
-            break
-    n_acc = (path >= 0).sum(1)
-    bonus = target.gather(1, cur[:, None])[:, 0]
-    return _finish(tree, path, n_acc, bonus, tested, accepted, accepted_prob=None)
+    return _follow(tree, lambda d, cur: target.gather(1, cur[:, None])[:, 0], scores.device)
 
 
 def accept_sampling(
@@ -238,8 +223,6 @@ def _finish(tree, path, n_acc, bonus, tested, accepted, accepted_prob) -> Verdic
     if d:
         src_bonus = torch.where(n_acc > 0, path.gather(1, (n_acc - 1).clamp(min=0)[:, None])[:, 0] + 1, 0)
         source.scatter_(1, n_acc[:, None], src_bonus[:, None])
-    if accepted_prob is None:
-        accepted_prob = accepted.to(torch.float32)
     return Verdict(
         path=path, n_accepted=n_acc, emitted=emitted, source=source,
         tested=tested, accept_prob=accepted_prob, accepted=accepted,
