@@ -22,20 +22,20 @@ import torch
 
 from adaspec_hf.bench.harness import open_pair, pair_arguments
 from adaspec_hf.bench.prompts import load_prompt_ids
-from adaspec_hf.core.race import RaceNoise, race_scores, race_token
+from adaspec_hf.core.race import RaceNoise, race_sample, race_scores
 
 
 def agreement(target, draft, prompts: list[list[int]], temperature: float, max_new: int, seed: int) -> dict:
-    race = RaceNoise()
     sums: dict[str, float] = {}
     n_pos = 0
     for i, prompt in enumerate(prompts):
+        race = RaceNoise()  # per prompt: the sample and the draft's ranking read the same vectors
         ids = list(prompt)
         key = seed + i
         with torch.no_grad():
             for _ in range(max_new):  # the target's seeded sample, token by token (its own race)
                 p = torch.softmax(target(torch.tensor([ids])).logits[0, -1].double() / temperature, -1)
-                ids.append(int(race_token(p[None], race(torch.tensor([key]), torch.tensor([len(ids)]), p.numel()))[0]))
+                ids.append(int(race_sample(p[None], torch.tensor([key]), torch.tensor([len(ids)]), race)[0]))
             full = torch.tensor([ids])
             start = len(prompt) - 1
             p = torch.softmax(target(full).logits[0, start:-1].double() / temperature, -1)

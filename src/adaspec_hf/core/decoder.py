@@ -23,7 +23,7 @@ from adaspec_hf.core.proposer import Proposer
 from adaspec_hf.core.rows import RowBatch, RowSource
 from adaspec_hf.core.stats import DecodeResult, GenerationStats
 from adaspec_hf.core.step import SpecStep
-from adaspec_hf.core.race import RaceNoise, race_token
+from adaspec_hf.core.race import race_sample
 from adaspec_hf.core.verify import NO_TOKEN, NO_TOKEN_MESSAGE, draw_keys
 
 if TYPE_CHECKING:  # the policy interface sits above core; the step only calls it
@@ -164,8 +164,7 @@ class SpeculativeDecoder:
         """First token per row; sampled ones win the row's race at position ``real``."""
         if not self.do_sample:
             return scores.argmax(-1)
-        probs = torch.softmax(scores, -1)
-        first = race_token(probs, RaceNoise()(rows.keys, real, probs.shape[-1], probs.device))
+        first = race_sample(torch.softmax(scores, -1), rows.keys, real)
         if bool((first == NO_TOKEN).any()):
             raise ValueError(NO_TOKEN_MESSAGE)
         return first

@@ -70,6 +70,14 @@ def race_scores(p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p / noise, torch.full_like(p, -1.0))
 
 
+def race_sample(p: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                noise: RaceNoise | None = None) -> torch.Tensor:
+    """(B,) the seeded sample of rows ``keys`` (B,) at sequence positions ``positions`` (B,) from
+    ``p`` (B, V): the race's winner under their noise (from ``noise``'s cache when given)."""
+    noise = noise if noise is not None else RaceNoise()
+    return race_token(p, noise(keys, positions, p.shape[-1], p.device))
+
+
 def race_token(p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """(B,) winner of each row's race over ``p`` (B, V), ``NO_TOKEN`` for a row whose distribution
     has no valid token (all probabilities 0, a negative or a non-finite one)."""

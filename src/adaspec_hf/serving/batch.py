@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from adaspec_hf.core import NO_TOKEN_MESSAGE, GenerationStats, Proposer, RowBatch, SpecStep
-from adaspec_hf.core.race import NO_TOKEN, RaceNoise, race_token
+from adaspec_hf.core.race import NO_TOKEN, race_sample
 from adaspec_hf.policies import DraftPolicy
 from adaspec_hf.serving import requests
 from adaspec_hf.serving.handle import EngineClosed
@@ -101,8 +101,7 @@ class RunningBatch:
         if not r.do_sample:
             return int(scores.argmax(-1)[0])
         probs = torch.softmax(scores.float(), -1).cpu()
-        noise = RaceNoise()(torch.tensor([r.key], dtype=torch.long), torch.tensor([len(r.prompt)]), probs.shape[-1])
-        first = int(race_token(probs, noise)[0])
+        first = int(race_sample(probs, torch.tensor([r.key], dtype=torch.long), torch.tensor([len(r.prompt)]))[0])
         if first == NO_TOKEN:
             raise ValueError(NO_TOKEN_MESSAGE)
         return first

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from adaspec_hf.core.race import RaceNoise, race_scores, race_token
+from adaspec_hf.core.race import RaceNoise, race_sample, race_scores
 
 TRACE_FORMAT = 2  # 2: sampled traces use the engine's race (candidates ranked by the shared noise)
 DEFAULT_WIDTH = 4  # draft candidates kept per position: enough for the widest default tree
@@ -87,8 +87,7 @@ class _RaceSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         p = torch.softmax(scores.float() / self.temperature, -1)
-        pos = torch.tensor([input_ids.shape[1]])
-        y = race_token(p, self.noise(torch.tensor([self.key]), pos, p.shape[-1], p.device))
+        y = race_sample(p, torch.tensor([self.key]), torch.tensor([input_ids.shape[1]]), self.noise)
         out = torch.full_like(scores, -float("inf"))
         out[0, int(y[0])] = 0.0
         return out
@@ -105,9 +104,9 @@ def record_trace(target, draft, prompts: Sequence[Sequence[int]], max_new_tokens
     probabilities as their confidences. ``outputs``: the target's outputs if already known (e.g.
     another draft over the same target, recorded with the same ``seed``)."""
     gen = getattr(target, "_adaspec_original_generate", None) or target.generate
-    noise = RaceNoise()
     rows = []
     for i, prompt in enumerate(prompts):
+        noise = RaceNoise()  # per row: its sampler and its candidate ranking read the same vectors
         ids = torch.tensor([list(prompt)], dtype=torch.long, device=target.device)
         if outputs is not None:
             y = list(outputs[i])
