@@ -18,8 +18,8 @@ class DraftPolicy:
 
     What owners of a step (``generate``, the serving engine, benchmarks) may read, declared here so
     that none of them needs ``getattr`` or type switches: :attr:`name`, :attr:`max_children`,
-    :attr:`needs_profile`, :attr:`trims`, :attr:`reads_drafts`, :attr:`predicted_time`, :attr:`latency`, :meth:`forget`,
-    :meth:`reset`.
+    :attr:`needs_profile`, :attr:`trims`, :attr:`reads_drafts`, :attr:`predicted_time`,
+    :attr:`latency`, :meth:`forget`, :meth:`reset`.
     """
 
     name = "base"

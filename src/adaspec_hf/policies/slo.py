@@ -141,16 +141,17 @@ class SLOPlanner(AdaptivePlanner):
             if short_l[r] <= 0:
                 break
             vals = v_l[r]
+            taken = sum(vals[: add_l[r]])  # the row's expected tokens from this level's nodes so far
             # more nodes for the row, up to the one that covers its need, while the batch gains
-            while add_l[r] < len(vals) and sum(vals[: add_l[r]]) < short_l[r] and vals[add_l[r]] >= self.min_node_value:
+            while add_l[r] < len(vals) and taken < short_l[r] and vals[add_l[r]] >= self.min_node_value:
                 k = add_l[r] + 1
                 wider = max(width, have_n_l[r] + k)
                 gain = weight[r] * vals[k - 1]
                 if (tokens + gain) / (spent + self._verify_at(wider)) <= tokens / (spent + self._verify_at(width)):
                     break
-                add_l[r], tokens, width = k, tokens + gain, wider
+                add_l[r], tokens, width, taken = k, tokens + gain, wider, taken + vals[k - 1]
             k = add_l[r]
-            got = have_l[r] + sum(vals[:k])
+            got = have_l[r] + taken
             if k and got < need_l[r] and depth_l[r] > ctx.level and exp_l[r] < min(k, e):
                 child = weight[r] * max(vals[: min(k, e)]) * float(alpha[r])
                 cost = 0.0 if drafting else extra_draft
