@@ -58,6 +58,26 @@ def test_adaptive_batch_matches_generate(models, policy):
     assert target.adaspec_stats.target_forwards >= 1
 
 
+def test_stats_count_decision_time_and_idle_levels(models):
+    """Each step records its policy's own seconds (a part of the step) and how many draft levels
+    it was offered: at least as many as the deepest verified node, exactly that many for a chain."""
+    target, draft = models
+    ids, mask = ragged_batch(2, 8, 3)
+    for policy in ("static-3", "adaptive"):
+        target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                        assistant_model=draft, adaptive=True, draft_policy=policy)
+        st = target.adaspec_stats
+        drafted = [s for s in st.steps if max(s.drafted)]
+        assert drafted
+        for s in st.steps:
+            assert 0.0 < s.decision_time < s.step_time
+            assert s.draft_levels >= s.kept_depth and (s.kept_depth > 0) == (max(s.drafted) > 0)
+        if policy == "static-3":  # a fixed chain asks for exactly the levels it keeps (the tail is cut by the budget)
+            assert all(s.draft_levels == s.kept_depth for s in drafted)
+        assert 0.0 < st.decision_share < 1.0 and st.idle_levels_per_step >= 0.0
+        assert {"decision_share", "idle_levels_per_step"} <= set(st.summary())
+
+
 def test_return_dict_scores_and_logits(models):
     target, draft = models
     ids, mask = ragged_batch(3, 7, 2)

@@ -59,6 +59,8 @@ class Row:
     accepted_per_step: float | None = None
     mean_draft_len: float | None = None
     target_forwards: float | None = None
+    decision_share: float | None = None  # share of step time in the policy's calls (adaspec methods)
+    idle_levels: float | None = None  # draft levels per step past the deepest verified node
     matches_vanilla: bool | None = None
     note: str = ""
     config: dict | None = None  # the AdaptiveConfig of an adaspec method, as it ran
@@ -74,15 +76,17 @@ class BenchResult:
         return {"name": self.name, "config": self.config, "rows": [asdict(r) for r in self.rows]}
 
     def table(self) -> str:
-        head = "| method | batch | tokens/s | speed-up vs vanilla | accepted/step | draft len | target passes | greedy == vanilla |"
-        lines = [head, "|" + "---|" * 8]
+        head = ("| method | batch | tokens/s | speed-up vs vanilla | accepted/step | draft len | target passes | "
+                "decision % | idle levels/step | greedy == vanilla |")
+        lines = [head, "|" + "---|" * 10]
         for r in self.rows:
             def f(x, fmt):
                 return "" if x is None else format(x, fmt)
             eq = "" if r.matches_vanilla is None else ("yes" if r.matches_vanilla else "NO")
             lines.append(
                 f"| {r.method} | {r.batch} | {r.tokens_per_s:.1f} | {f(r.speedup, '.2f')} | "
-                f"{f(r.accepted_per_step, '.2f')} | {f(r.mean_draft_len, '.2f')} | {f(r.target_forwards, '.0f')} | {eq}"
+                f"{f(r.accepted_per_step, '.2f')} | {f(r.mean_draft_len, '.2f')} | {f(r.target_forwards, '.0f')} | "
+                f"{f(None if r.decision_share is None else 100 * r.decision_share, '.1f')} | {f(r.idle_levels, '.2f')} | {eq}"
                 + (f" ({r.note})" if r.note else "") + " |"
             )
         return "\n".join(lines)
@@ -159,15 +163,15 @@ def run_benchmark(
             batches = batches[:n_batches]
         if not batches:
             raise ValueError(f"not enough prompts ({len(prompts)}) for batch size {bs}")
-        vanilla_out: list[torch.Tensor] | None = None
-        base_tps = None
-        for method in resolved:
-            bar.set_postfix_str(f"{method.name} b={bs}")
-            if method.batch1_only and bs > 1:
-                bar.update(1)
-                continue
-            times, outs, stats = [], [], []
-            for rep in range(warmup + repeats):
+        # repeats go round the methods (method 1, 2, ..., then again), so a drift of the machine's
+        # speed during the run (another process, clocks) lands on every method alike
+        todo = [m for m in resolved if not (m.batch1_only and bs > 1)]
+        bar.update(len(resolved) - len(todo))
+        times: dict[str, list[float]] = {m.name: [] for m in todo}
+        last: dict[str, tuple[list, list]] = {}
+        for rep in range(warmup + repeats):
+            for method in todo:
+                bar.set_postfix_str(f"{method.name} b={bs} rep {rep + 1}/{warmup + repeats}")
                 torch.manual_seed(seed + rep)
                 rep_outs, rep_stats = [], []
                 _sync(target)
@@ -180,17 +184,24 @@ def run_benchmark(
                 _sync(target)
                 dt = time.perf_counter() - t0
                 if rep >= warmup:
-                    times.append(dt)
-                    outs, stats = rep_outs, rep_stats
+                    times[method.name].append(dt)
+                    last[method.name] = (rep_outs, rep_stats)
+        vanilla_out: list[torch.Tensor] | None = None
+        base_tps = None
+        for method in todo:
+            outs, stats = last[method.name]
             new = sum(_count_new(o, b[0].shape[1], eos_token_id) for o, b in zip(outs, batches))
-            med = statistics.median(times)
-            row = Row(method.name, bs, new / med, [round(t, 4) for t in times], new)
+            med = statistics.median(times[method.name])
+            row = Row(method.name, bs, new / med, [round(t, 4) for t in times[method.name]], new)
             acc = [s.accepted_per_step for s in stats if s.accepted_per_step is not None]
             if acc:
                 row.accepted_per_step = sum(acc) / len(acc)
                 row.mean_draft_len = sum(s.mean_draft_len for s in stats) / len(stats)
                 row.target_forwards = sum(s.target_forwards for s in stats) / len(stats)
                 row.config = stats[-1].config
+                if stats[-1].decision_share is not None:
+                    row.decision_share = sum(s.decision_share for s in stats) / len(stats)
+                    row.idle_levels = sum(s.idle_levels for s in stats) / len(stats)
             if method.name == "vanilla":
                 vanilla_out, base_tps = outs, row.tokens_per_s
             if base_tps:

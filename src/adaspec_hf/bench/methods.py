@@ -27,6 +27,8 @@ class RunOutput:
     mean_draft_len: float | None = None
     target_forwards: int | None = None
     config: dict | None = None  # the AdaptiveConfig that ran (adaspec methods)
+    decision_share: float | None = None  # share of step time inside the policy's calls
+    idle_levels: float | None = None  # draft levels per step beyond the deepest verified node
 
 
 MethodFn = Callable[..., RunOutput]
@@ -74,7 +76,8 @@ def _ours(policy: str, lookup: str | None = None):
         seq = adaptive_generate(target, input_ids=ids, attention_mask=mask,
                                 assistant_model=None if lookup == "alone" else draft, draft_policy=policy, **kw)
         st = target.adaspec_stats
-        return RunOutput(seq, 0, st.accepted_per_step, st.mean_draft_len, st.target_forwards, st.config)
+        return RunOutput(seq, 0, st.accepted_per_step, st.mean_draft_len, st.target_forwards, st.config,
+                         st.decision_share, st.idle_levels_per_step)
     return run
 
 

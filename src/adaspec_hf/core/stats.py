@@ -13,8 +13,11 @@ class StepRecord:
     accepted: list[int]  # draft tokens accepted per row
     draft_time: float
     verify_time: float
-    step_time: float
+    step_time: float  # draft + verify + the policy's learning from the outcome
     predicted_time: float | None = None
+    decision_time: float = 0.0  # seconds inside the policy's calls (part of step_time)
+    draft_levels: int = 0  # draft levels offered to the policy (the catch-up forward's and each expansion's)
+    kept_depth: int = 0  # depth of the deepest verified node (levels beyond it were drafted for nothing)
 
 
 @dataclass
@@ -78,6 +81,16 @@ class GenerationStats:
     def mean_draft_len(self) -> float:
         return self.drafted_tokens / max(self.row_steps, 1)
 
+    @property
+    def decision_share(self) -> float:
+        """Share of step time spent in the policy's own calls (over the records kept)."""
+        return sum(s.decision_time for s in self.steps) / max(sum(s.step_time for s in self.steps), 1e-12)
+
+    @property
+    def idle_levels_per_step(self) -> float:
+        """Draft levels per step past the deepest verified node (drafted, then not used; records kept)."""
+        return sum(max(s.draft_levels - s.kept_depth, 0) for s in self.steps) / max(len(self.steps), 1)
+
     def summary(self) -> dict:
         return {
             "policy": self.policy, "target_forwards": self.target_forwards,
@@ -85,6 +98,7 @@ class GenerationStats:
             "tokens_per_step": round(self.tokens_per_step, 3),
             "acceptance_rate": round(self.acceptance_rate, 3),
             "mean_draft_len": round(self.mean_draft_len, 3), "total_time": round(self.total_time, 4),
+            "decision_share": round(self.decision_share, 4), "idle_levels_per_step": round(self.idle_levels_per_step, 3),
             "config": self.config,
         }
 

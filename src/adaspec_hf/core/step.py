@@ -33,6 +33,31 @@ if TYPE_CHECKING:  # the policy interface sits above core; the step only calls i
     from adaspec_hf.policies.base import DraftPolicy
 
 
+class _TimedPolicy:
+    """The step's view of its policy: the same object, with the seconds spent inside its decisions
+    and the draft levels it was offered counted (reported per step: the planner's share of a step
+    is one of its costs, and a level drafted then refused is another)."""
+
+    TIMED = ("max_depth", "choose", "select", "node_values", "skip_draft", "observe")
+
+    def __init__(self, policy: DraftPolicy):
+        self._policy, self.seconds, self.levels = policy, 0.0, 0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._policy, name)
+        if name not in self.TIMED:
+            return attr
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.levels += name == "choose"
+        return timed
+
+
 def _race_of(keys: torch.Tensor | None, length: torch.Tensor):
     """The step's race noise, ``race(d, vocab)`` -> (B, vocab) at positions ``length + d``: one table
     per step, read by the drafter's levels and by the verify walk (None: no keys, no race)."""
@@ -119,7 +144,8 @@ class SpecStep:
         race = _race_of(src.sample_keys(rid) if any_smp else None, length)
         ctx = src.context(rows=bsz, context_len=length, remaining=remaining, sampling=any_smp,
                           step=step, row_ids=rid, race=race)
-        max_depth = self.policy.max_depth(ctx).to(dev).clamp(min=0)
+        policy = _TimedPolicy(self.policy)
+        max_depth = policy.max_depth(ctx).to(dev).clamp(min=0)
         max_depth = torch.minimum(max_depth, remaining - 1).clamp(min=0)
         free_levels = int(getattr(self.proposer, "free_depth", 0))  # optional in the protocol: 0 if absent
         free = torch.minimum(torch.full_like(max_depth, free_levels), remaining - 1).clamp(min=0)
@@ -131,9 +157,9 @@ class SpecStep:
         tree = DraftTree.empty(bsz, dev)
         if bool((max_depth > 0).any()) or bool((free > 0).any()):
             extra = {"free_depth": free} if free_levels else {}  # proposers without free levels need not take it
-            tree = self.proposer.propose(batch, src, self.policy, ctx, max_depth, process or identity_process,
+            tree = self.proposer.propose(batch, src, policy, ctx, max_depth, process or identity_process,
                                          prefix_of, **extra)
-            keep_nodes = self.policy.select(tree, ctx)
+            keep_nodes = policy.select(tree, ctx)
             if tree.width and max_nodes is not None:
                 # nodes are packed in topological order per row: a prefix keeps every ancestor
                 keep_nodes = keep_nodes & (torch.arange(tree.width, device=dev)[None, :] < max(int(max_nodes), 0))
@@ -169,16 +195,18 @@ class SpecStep:
         batch.length = length + n_emit
         self._sync(dev)
         t2 = time.perf_counter()
-        record = StepRecord(
-            rows=bsz, drafted=tree.n_nodes.tolist() if n else [0] * bsz,
-            accepted=verdict.n_accepted.tolist(), draft_time=t1 - t0, verify_time=t2 - t1,
-            step_time=t2 - t0, predicted_time=self.policy.predicted_time,
-        )
-        self.policy.observe(StepOutcome(
+        predicted = self.policy.predicted_time
+        policy.observe(StepOutcome(
             tree=tree, n_accepted=verdict.n_accepted, tested=verdict.tested,
             accept_prob=verdict.accept_prob, accepted=verdict.accepted,
             step_time=t2 - t0, draft_time=t1 - t0, verify_time=t2 - t1, context_len=batch.length, row_ids=rid,
         ))
+        record = StepRecord(
+            rows=bsz, drafted=tree.n_nodes.tolist() if n else [0] * bsz,
+            accepted=verdict.n_accepted.tolist(), draft_time=t1 - t0, verify_time=t2 - t1,
+            step_time=time.perf_counter() - t0, predicted_time=predicted, decision_time=policy.seconds,
+            draft_levels=policy.levels, kept_depth=int(tree.depth.max()) if n else 0,
+        )
         finished = src.commit(rid, emitted, n_emit, scores, raw, verdict.source)  # last: see the docstring
         return finished, record
 
