@@ -33,12 +33,12 @@ if TYPE_CHECKING:  # the policy interface sits above core; the step only calls i
     from adaspec_hf.policies.base import DraftPolicy
 
 
-class _TimedPolicy:
-    """The step's view of its policy: the same object, with the seconds spent inside its decisions
-    and the draft levels it was offered counted (reported per step: the planner's share of a step
-    is one of its costs, and a level drafted then refused is another)."""
+class TimedPolicy:
+    """A view of a policy: the same object, with the seconds spent inside its calls and the draft
+    levels it was offered counted (a step reports both: the planner's share of a step is one of its
+    costs, and a level drafted then refused is another; the trace simulator charges the same)."""
 
-    TIMED = ("max_depth", "choose", "select", "node_values", "skip_draft", "observe")
+    TIMED = ("max_depth", "choose", "select", "node_values", "skip_draft", "observe", "reset", "forget")
 
     def __init__(self, policy: DraftPolicy):
         self._policy, self.seconds, self.levels = policy, 0.0, 0
@@ -144,7 +144,7 @@ class SpecStep:
         race = _race_of(src.sample_keys(rid) if any_smp else None, length)
         ctx = src.context(rows=bsz, context_len=length, remaining=remaining, sampling=any_smp,
                           step=step, row_ids=rid, race=race)
-        policy = _TimedPolicy(self.policy)
+        policy = TimedPolicy(self.policy)
         max_depth = policy.max_depth(ctx).to(dev).clamp(min=0)
         max_depth = torch.minimum(max_depth, remaining - 1).clamp(min=0)
         free_levels = int(getattr(self.proposer, "free_depth", 0))  # optional in the protocol: 0 if absent

@@ -24,7 +24,8 @@ import torch
 
 from adaspec_hf.policies.base import DraftPolicy, StepContext
 from adaspec_hf.sim.cost import CostCurve
-from adaspec_hf.sim.simulate import _Timed, sim_step
+from adaspec_hf.core.step import TimedPolicy
+from adaspec_hf.sim.simulate import sim_step
 from adaspec_hf.sim.trace import Trace
 
 STEP_EMA = 0.2  # weight of one step in the running step-time estimate (as the engine's)
@@ -78,8 +79,8 @@ def simulate_serving(policy: DraftPolicy, trace: Trace, cost: CostCurve, request
     continuously batched loop under ``policy``; returns every request with its timings."""
     reqs = [SimRequest(r.row, r.arrival, r.tpot, r.ttft, r.cls) for r in sorted(requests, key=lambda r: r.arrival)]
     res = ServeResult(policy=policy.name, requests=reqs)
-    call = _Timed(policy)
-    call("reset")
+    call = TimedPolicy(policy)
+    call.reset()
     now, tau, nxt, step = 0.0, None, 0, 0
     running: list[int] = []
     while nxt < len(reqs) or running:
@@ -128,7 +129,7 @@ def simulate_serving(policy: DraftPolicy, trace: Trace, cost: CostCurve, request
             r.n_gen += e
             if r.n_gen >= trace.rows[r.row].length:
                 r.t_done = now
-                call("forget", i)
+                call.forget(i)
             else:
                 still.append(i)
         running = still

@@ -9,11 +9,11 @@ too; only time is simulated. Decision time (the policy's own Python) is measured
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
+from adaspec_hf.core.step import TimedPolicy
 from adaspec_hf.core.tree import DraftTree
 from adaspec_hf.policies.base import DraftPolicy, LevelContext, StepContext, StepOutcome
 from adaspec_hf.policies.static import StaticChain
@@ -30,13 +30,13 @@ class SimStep:
     step_time: float
 
 
-def sim_step(call: "_Timed", rows, n_gen: list[int], ctx: StepContext, cost: CostCurve, width: int) -> SimStep:
+def sim_step(call: TimedPolicy, rows, n_gen: list[int], ctx: StepContext, cost: CostCurve, width: int) -> SimStep:
     """Draft (as the drafter offers candidates), select, verify (from the trace) and charge one
     step of rows ``rows`` (trace rows, ``n_gen`` tokens generated each) under ``call``'s policy;
     the policy observes the outcome."""
     b = len(rows)
     remaining, length, ids = ctx.remaining, ctx.context_len, ctx.row_ids
-    md = torch.minimum(call("max_depth", ctx).cpu().clamp(min=0), (remaining - 1).clamp(min=0))
+    md = torch.minimum(call.max_depth(ctx).cpu().clamp(min=0), (remaining - 1).clamp(min=0))
     nodes, forwards = ([[] for _ in range(b)], 0)
     drafted_any = bool((md > 0).any())
     if drafted_any:
@@ -47,7 +47,7 @@ def sim_step(call: "_Timed", rows, n_gen: list[int], ctx: StepContext, cost: Cos
         for j, nd in enumerate(row):
             on_path[i, j] = nd[4]
     if tree.width:
-        keep = call("select", tree, ctx).cpu() & tree.valid
+        keep = call.select(tree, ctx).cpu() & tree.valid
         on_path = torch.stack([torch.cat([on_path[i][keep[i]], torch.zeros(tree.width - int(keep[i].sum()), dtype=torch.bool)])
                                for i in range(b)])
         tree = tree.select(keep)
@@ -62,7 +62,7 @@ def sim_step(call: "_Timed", rows, n_gen: list[int], ctx: StepContext, cost: Cos
     draft_time = (1 + forwards) * cost.draft(b, 1.0, context) if drafted_any else 0.0
     verify_time = cost.verify(b, q, context)
     step_time = cost.overhead + draft_time + verify_time
-    call("observe", StepOutcome(tree=tree, n_accepted=n_acc, tested=tested, accept_prob=accepted.float(),
+    call.observe(StepOutcome(tree=tree, n_accepted=n_acc, tested=tested, accept_prob=accepted.float(),
                                 accepted=accepted, step_time=step_time, draft_time=draft_time,
                                 verify_time=verify_time, context_len=length + n_acc + 1, row_ids=ids))
     return SimStep(tree=tree, n_accepted=n_acc, step_time=step_time)
@@ -104,20 +104,6 @@ class SimResult:
                 "decision_fraction": round(self.decision_fraction, 4)}
 
 
-class _Timed:
-    """Sums the wall time of the policy's calls."""
-
-    def __init__(self, policy: DraftPolicy):
-        self.policy, self.seconds = policy, 0.0
-
-    def __call__(self, name: str, *args):
-        t0 = time.perf_counter()
-        try:
-            return getattr(self.policy, name)(*args)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-
 def _tree(nodes: list[list[tuple]], b: int) -> DraftTree:
     """DraftTree from per-row node lists (token, parent, depth, prob, on_path)."""
     n = max((len(r) for r in nodes), default=0)
@@ -133,7 +119,7 @@ def _tree(nodes: list[list[tuple]], b: int) -> DraftTree:
                      sampled=torch.zeros_like(valid), draft_slot=torch.full((b, n), -1, dtype=torch.long))
 
 
-def _grow(call: _Timed, trace_rows, n_gen: list[int], ctx: StepContext, max_depth: torch.Tensor, width: int
+def _grow(call: TimedPolicy, trace_rows, n_gen: list[int], ctx: StepContext, max_depth: torch.Tensor, width: int
           ) -> tuple[list[list[tuple]], int]:
     """Nodes per row as the drafter would add them; returns (nodes, draft forwards after catch-up)."""
     b = len(trace_rows)
@@ -163,7 +149,7 @@ def _grow(call: _Timed, trace_rows, n_gen: list[int], ctx: StepContext, max_dept
             for j, (pp, p, _, par, _, _) in enumerate(row):
                 c_path[i, j], c_prob[i, j], c_par[i, j] = pp, p, par
         lctx = LevelContext(level, c_path, c_prob, _tree(nodes, b), ctx, max_depth, cand_parent=c_par)
-        n_add, n_exp = call("choose", lctx)
+        n_add, n_exp = call.choose(lctx)
         avail = (c_path > 0).sum(1)
         n_add = torch.minimum(n_add.clamp(min=0).cpu(), avail) * (max_depth >= level)
         n_exp = torch.minimum(n_exp.clamp(min=0).cpu(), n_add) * (max_depth > level)
@@ -187,14 +173,14 @@ def simulate(policy: DraftPolicy, trace: Trace, cost: CostCurve, *, batch: int =
     """Run ``policy`` over ``trace`` in batches of ``batch`` rows (each batch one ``generate`` call:
     rows leave as they finish); return the simulated totals."""
     res = SimResult(policy=policy.name)
-    call = _Timed(policy)
+    call = TimedPolicy(policy)
     for start in range(0, len(trace.rows), batch):
         group = trace.rows[start: start + batch]
         limit = [min(r.length, max_new_tokens or r.length) for r in group]
         n_gen = [1] * len(group)  # the first token comes from the prefill (not charged: same for every policy)
         res.tokens += len(group)
         active = [i for i in range(len(group)) if n_gen[i] < limit[i]]
-        call("reset")
+        call.reset()
         step = 0
         while active:
             step += 1
