@@ -77,16 +77,32 @@ def test_step_time_adds_up():
     m = LatencyModel(synthetic())
     st = m.step_time(4, [(4, 1), (4, 2)], 3, 64)
     assert st == pytest.approx(m.overhead + m.draft_time(4, 1, 64) + m.draft_time(4, 2, 64) + m.target_time(4, 3, 64))
-    assert list(m.target_curve(4, 64, 3)) == [0.0] + [m.target_time(4, k, 64) for k in (1, 2, 3)]
+    assert m.target_curve(4, 64, 3) == pytest.approx([0.0] + [m.target_time(4, k, 64) for k in (1, 2, 3)], rel=1e-12)
+
+
+@pytest.mark.parametrize("rows,context", [(1, 16), (3, 100), (4, 64), (0.5, 5), (64, 4096), (2, 1e5)])
+def test_curve_is_the_scalar_prediction(rows, context):
+    """The planner's vectorised curve equals the scalar interpolation, inside the grid and beyond
+    it on every axis (rows, tokens and context extrapolated by the roofline fit)."""
+    m = LatencyModel(synthetic())
+    m.observe("target", 4, 2, 64, 0.05)  # an online correction applies to both alike
+    max_t = 3 * int(max(m.tables["target"].axes[1]))
+    curve = m.target_curve(rows, context, max_t)
+    assert curve[0] == 0.0
+    assert curve[1:] == pytest.approx([m.target_time(rows, k, context) for k in range(1, max_t + 1)], rel=1e-12)
 
 
 def test_observe_moves_prediction_toward_observed():
     m = LatencyModel(synthetic())
     base = m.target_time(4, 4, 64)
-    for _ in range(5):
+    m.observe("target", 4, 4, 64, base * 2)
+    assert m.target_time(4, 4, 64) == pytest.approx(2 * base)  # the first measurement sets the speed at once
+    for _ in range(30):
+        m.observe("target", 4, 4, 64, base)
+    for _ in range(2):  # later ones move it by an EMA: one noisy step cannot
         m.observe("target", 4, 4, 64, base * 2)
     up = m.target_time(4, 4, 64)
-    assert base < up < 2 * base
+    assert base < up < 1.5 * base
     for _ in range(200):
         m.observe("target", 4, 4, 64, base * 2)
     assert m.target_time(4, 4, 64) == pytest.approx(2 * base, rel=1e-3)

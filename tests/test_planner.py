@@ -151,13 +151,32 @@ def test_measured_costs_override_the_profile():
     lat = steep_target()
     planner = AdaptivePlanner(lat)
     profile_q2, profile_q3 = lat.target_time(1, 2, 10), lat.target_time(1, 3, 10)
-    planner.observed.add(1, 2, profile_q2 / 10)
+    planner.observed.add(1, 2, profile_q2 / 10, profile_q2)
     assert planner._costs(1, 10, 3)[1] == pytest.approx(profile_q2 / 10)
-    planner.observed.add(1, 3, profile_q3 * 10)  # one noisy step
+    planner.observed.add(1, 3, profile_q3 * 10, profile_q3)  # one noisy step
     assert planner._costs(1, 10, 3)[2] == pytest.approx(profile_q3)
     for _ in range(planner.observed.confirm):
-        planner.observed.add(1, 3, profile_q3 * 10)
+        planner.observed.add(1, 3, profile_q3 * 10, profile_q3)
     assert planner._costs(1, 10, 3)[2] == pytest.approx(profile_q3 * 10)
+
+
+def test_measured_shapes_follow_the_machine_drift():
+    """Drift is not a shape's cost: q=3 measured during a fast spell (half the profile's time, when
+    every shape ran at half) must not stay cheaper than q=2 once the machine is back at full speed."""
+    lat = steep_target()
+    planner = AdaptivePlanner(lat)
+    for q in (2, 3):
+        for _ in range(planner.observed.confirm):
+            planner.observed.add(1, q, lat.target_time(1, q, 10), lat.target_time(1, q, 10))
+    lat.observe("target", 1, 3, 10, 0.5 * lat.target_time(1, 3, 10))  # the fast spell: the drift correction moves
+    fast = lat.correction("target")
+    planner.observed.add(1, 3, 0.5 * lat.base_time("target", 1, 3, 10), lat.target_time(1, 3, 10))
+    for _ in range(20):  # back to full speed, q=2 chosen from now on
+        lat.observe("target", 1, 2, 10, lat.base_time("target", 1, 2, 10))
+    assert lat.correction("target") > fast
+    costs = planner._costs(1, 10, 3)
+    assert costs[2] == pytest.approx(lat.target_time(1, 3, 10), rel=0.3)
+    assert costs[2] > costs[1]  # the steep profile's order survives the spell
 
 
 def test_top_children_and_runners_up_have_their_own_calibration():

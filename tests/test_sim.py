@@ -121,11 +121,53 @@ def test_gpu_shaped_cost_makes_width_free_until_the_budget():
     assert abs(lat.target_time(4, 8, 64) - 0.02) < 1e-3
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_chain_fast_path_decides_as_the_general_path(batch):
-    """The numpy chain path is an implementation detail: identical chosen lengths, step for step."""
+def jump_latency(jump_at: int = 3) -> LatencyModel:
+    """Verify 10 ms up to ``jump_at - 1`` query tokens per row, then 20 ms and nearly flat (this
+    CPU's shape: the built-in pair's verify goes from ~45 ms at one token to ~62 ms at two, then
+    +~1.5 ms a token); draft 0.5 ms a level; corrections off."""
+    t, d = [], []
+    for r in (1, 2, 4):
+        for q in (1, 2, 3, 4, 6, 8, 12, 16):
+            for c in (1, 4096):
+                t.append([r, q, c, (0.010 if q < jump_at else 0.020 + 0.0001 * q) * r])
+                d.append([r, q, c, 0.0005])
+    return LatencyModel.from_points(t, d, overhead=0.0005, bounds=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("jump_at", [2, 3, 4])
+def test_a_jump_in_the_verify_cost_does_not_stop_the_planner(jump_at):
+    """Acceptance 0.9 on a cost curve that jumps then stays flat: going past the jump pays several
+    times over, but the first node past it does not. A rule that looks one level ahead stops in
+    front of the jump; with the look-ahead the planner drafts near the best static length."""
+    tr = synthetic_trace(2, 200, 0.9, seed=3)
+    cost = ProfileCost(jump_latency(jump_at))
+    k, statics = best_static(tr, cost)
+    assert k >= 6  # deep drafting is what pays here
+    res = simulate(planner(jump_latency(jump_at)), tr, cost)
+    assert res.mean_draft >= jump_at + 1, res.mean_draft
+    assert res.tokens_per_s >= 0.9 * statics[k].tokens_per_s, (res.tokens_per_s, statics[k].tokens_per_s)
+
+
+def test_lookahead_prices_deeper_levels_at_the_running_rate():
+    from adaspec_hf.policies.chain import lookahead_pays
+
+    f = np.float32
+    verify = np.asarray([0.010, 0.010, 0.020] + [0.0201] * 10, dtype=f)  # by nodes: a jump at the 2nd
+    g_now = f(1.9) / f(0.0105)  # one node (value 0.9) verified, before the jump
+    args = dict(counts=np.asarray([1]), tokens=f(1.9), spent=f(0.0005), extra=f(0.0005), verify=verify,
+                levels_left=10, g_best=g_now)
+    assert lookahead_pays(np.asarray([0.81], dtype=f), np.asarray([0.9], dtype=f), **args)
+    assert not lookahead_pays(np.asarray([0.81], dtype=f), np.asarray([0.2], dtype=f), **args)  # a row that fails soon
+    assert not lookahead_pays(np.asarray([0.0], dtype=f), np.asarray([0.9], dtype=f), **args)  # nothing to continue
+    assert not lookahead_pays(np.asarray([0.81], dtype=f), np.asarray([0.9], dtype=f), **{**args, "levels_left": 1})
+
+
+@pytest.mark.parametrize("batch,curve", [(1, "smooth"), (3, "smooth"), (1, "jump"), (3, "jump")])
+def test_chain_fast_path_decides_as_the_general_path(batch, curve):
+    """The numpy chain path is an implementation detail: identical chosen lengths, step for step
+    (on a jump in the verify cost too, where the look-ahead decides)."""
     tr = synthetic_trace(3, 120, 0.75, seed=11)
-    lat = latency(ratio=20)
+    lat = latency(ratio=20) if curve == "smooth" else jump_latency(3)
     fast, slow = planner(lat), planner(lat)
     slow._chain_fast = lambda ctx: False
     slow._select_chain = lambda tree: None
@@ -154,6 +196,19 @@ def test_row_rate_is_a_ratio_of_node_counts():
     simulate(p, tr, ProfileCost(latency(ratio=10)))
     acc, tried = p._row_counts[0]
     assert abs(acc / tried - 0.9) < 0.08
+
+
+def test_a_tree_rows_rate_is_its_top_childrens():
+    """A tree planner tests runners-up that are (here) never accepted: the row's rate, which prices
+    going one level deeper, must stay the top children's 0.9, not drop toward a hopeless draft's
+    (it did: the tree planner then stopped drafting on text where drafting paid)."""
+    tr = synthetic_trace(1, 600, 0.9, seed=6, confidence=0.9, width=2)
+    lat = latency(ratio=30, growth=0.0)  # wide verifies are free here: the tree drafts runners-up
+    p = planner(lat, tree=True)
+    res = simulate(p, tr, ProfileCost(lat))
+    assert res.mean_draft > 2 * res.accepted / res.steps  # many drafted nodes are runners-up...
+    acc, tried = p._row_counts[0]
+    assert acc / tried > 0.8  # ...and left out of the rate (counted, it sat near 0.5)
 
 
 def test_uncertain_low_rate_rows_keep_drafting_when_it_pays():

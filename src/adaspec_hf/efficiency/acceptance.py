@@ -46,6 +46,8 @@ class AcceptanceModel:
         self._grid = np.linspace(0.0, 1.0, self._res + 1)
         self._luts: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._cpu_lut: torch.Tensor | None = None
+        self._np_lut: np.ndarray | None = None  # float32 copy for predict_np
+        self._n_total: float | None = None  # cached sum of the bin counts (planners read it every level)
 
     # -- statistics views ------------------------------------------------------------------------
     @property
@@ -69,6 +71,13 @@ class AcceptanceModel:
     def depth_pred(self) -> torch.Tensor:
         o = 3 * self.n_bins + self.max_depth + 1
         return self.stats[o:]
+
+    @property
+    def n_total(self) -> float:
+        """Decayed number of nodes the calibration rests on (a Python float, cached until the next update)."""
+        if self._n_total is None:
+            self._n_total = float(self.n.sum())
+        return self._n_total
 
     # -- tables ----------------------------------------------------------------------------------
     def calibration(self) -> tuple[np.ndarray, np.ndarray]:
@@ -112,6 +121,7 @@ class AcceptanceModel:
             base = np.clip(grid + np.interp(grid, centers, iso - centers), 0.0, 1.0)
             lut = np.concatenate([np.clip(base[None, :] * f[:, None], 0.0, 1.0), base[None, :]])
             self._cpu_lut = torch.from_numpy(lut)
+            self._np_lut = lut.astype(np.float32)
             self._luts.clear()
         key = (device, dtype)
         if key not in self._luts:
@@ -143,9 +153,12 @@ class AcceptanceModel:
     def predict_np(self, draft_prob: np.ndarray, depth: int) -> np.ndarray:
         """:meth:`predict` for a small numpy vector at one depth, in float32 like the torch path
         (the chain planner calls it once per draft level: torch's per-op overhead would dominate)."""
-        lut = self._lut(torch.device("cpu"), torch.float32).numpy()
+        if self._cpu_lut is None or self._np_lut is None:
+            self._lut(torch.device("cpu"), torch.float32)
+        lut = self._np_lut
         R = self._res
-        u = np.clip(np.asarray(draft_prob, dtype=np.float32), 0.0, 1.0) * np.float32(R)
+        # np.minimum/maximum, not np.clip: on a handful of elements clip's dispatch costs ~10x more
+        u = np.minimum(np.maximum(np.asarray(draft_prob, dtype=np.float32), np.float32(0)), np.float32(1)) * np.float32(R)
         i0 = np.minimum(np.floor(u).astype(np.int64), R - 1)
         w = u - i0.astype(np.float32)
         d = min(max(int(depth), 0), self.max_depth) if self.depth_adjust else 0
@@ -160,32 +173,36 @@ class AcceptanceModel:
         accepted prefix and the first rejected node). ``accepted`` is 0/1 (greedy) or, for sampling,
         the acceptance rule's own probability for the node (a lower-variance float target).
         """
-        p = draft_prob.detach().reshape(-1).to("cpu", torch.float64).clamp(0.0, 1.0)
-        n = p.numel()
+        # numpy on the CPU: a step verifies a handful of nodes, where torch's per-op cost dominates
+        p = np.clip(draft_prob.detach().reshape(-1).to("cpu", torch.float64).numpy(), 0.0, 1.0)
+        n = p.size
         if n == 0:
             return
-        y = torch.as_tensor(accepted).detach().to("cpu", torch.float64).expand_as(draft_prob).reshape(-1)
+        y = np.broadcast_to(torch.as_tensor(accepted).detach().to("cpu", torch.float64).numpy(),
+                            tuple(draft_prob.shape)).reshape(-1)
         B, D = self.n_bins, self.max_depth + 1
-        b = (p * B).long().clamp_(0, B - 1)
+        b = np.minimum((p * B).astype(np.int64), B - 1)
         if self.depth_adjust:
-            d = torch.as_tensor(depth).detach().to("cpu").long().expand_as(draft_prob).reshape(-1)
-            d = d.clamp(0, self.max_depth)
+            d = np.broadcast_to(torch.as_tensor(depth).detach().to("cpu").long().numpy(), tuple(draft_prob.shape))
+            d = np.clip(d.reshape(-1), 0, self.max_depth)
             # depth-free prediction under the calibration before this batch (honest residuals):
             # the last row of the lookup table
-            lut = self._lut(torch.device("cpu"), torch.float64)
+            lut = self._lut(torch.device("cpu"), torch.float64)[-1].numpy()
             u = p * self._res
-            i0 = u.floor().long().clamp_(max=self._res - 1)
-            base = torch.lerp(lut[-1, i0], lut[-1, i0 + 1], u - i0)
-            idx = torch.cat([b, b + B, b + 2 * B, d + 3 * B, d + 3 * B + D])
-            wts = torch.cat([torch.ones_like(p), y, p, y, base])
+            i0 = np.minimum(np.floor(u).astype(np.int64), self._res - 1)
+            base = lut[i0] + (u - i0) * (lut[i0 + 1] - lut[i0])
+            idx = np.concatenate([b, b + B, b + 2 * B, d + 3 * B, d + 3 * B + D])
+            wts = np.concatenate([np.ones_like(p), y, p, y, base])
         else:
-            idx = torch.cat([b, b + B, b + 2 * B])
-            wts = torch.cat([torch.ones_like(p), y, p])
+            idx = np.concatenate([b, b + B, b + 2 * B])
+            wts = np.concatenate([np.ones_like(p), y, p])
+        stats = self.stats.numpy()  # shares memory with the tensor
         if self.half_life:
-            self.stats.mul_(0.5 ** (n / self.half_life))
-        self.stats += torch.bincount(idx, weights=wts, minlength=self.stats.numel())
+            stats *= 0.5 ** (n / self.half_life)
+        stats += np.bincount(idx, weights=wts, minlength=stats.size)
         self.seen += n
         self._cpu_lut = None
+        self._n_total = None
 
     @torch.no_grad()
     def ece(self, draft_prob: torch.Tensor, depth: torch.Tensor | int, outcome: torch.Tensor,
@@ -215,6 +232,7 @@ class AcceptanceModel:
         self.stats = stats
         self.seen = float(state.get("seen", 0.0))
         self._cpu_lut = None
+        self._n_total = None
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "AcceptanceModel":

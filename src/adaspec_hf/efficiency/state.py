@@ -22,7 +22,15 @@ DEFAULT_COST_CONFIRM = 3  # measurements above the profile needed before they re
 
 
 class ObservedCosts:
-    """EMA of measured verify times per (rows, query tokens per row)."""
+    """Measured verify times per (rows, query tokens per row), as ratios to what the latency model
+    predicted when each was measured.
+
+    Why ratios and not seconds: a CPU's speed drifts by tens of percent within a minute (clocks,
+    neighbours), and the latency model's running correction already follows that drift for every
+    shape at once. A table of raw seconds would remember each shape at the speed of the moment it
+    was last chosen, so a shape tried during a fast spell would look cheaper than the rest for good
+    and the planner would stay on it; a ratio keeps only what drift cannot explain: the shape's own
+    deviation from the profile's curve."""
 
     def __init__(self, ema: float = DEFAULT_COST_EMA, min_count: int = 1, confirm: int = DEFAULT_COST_CONFIRM):
         self.ema, self.min_count, self.confirm = ema, min_count, confirm
@@ -30,21 +38,29 @@ class ObservedCosts:
         # per rows: EMA of a drafting step's seconds per draft level (forward + drafter + policy work),
         # which the profile's bare forwards underestimate several-fold on a CPU
         self.draft_level: dict[int, float] = {}
+        self._draft_seen: dict[int, int] = {}
 
     def add_draft(self, rows: int, levels: int, seconds: float) -> None:
         if levels > 0 and seconds > 0 and math.isfinite(seconds):
             prev = self.draft_level.get(rows)
             per = seconds / levels
             self.draft_level[rows] = per if prev is None else (1 - self.ema) * prev + self.ema * per
+            self._draft_seen[rows] = self._draft_seen.get(rows, 0) + 1
 
-    def add(self, rows: int, q: int, seconds: float) -> None:
-        if not (seconds > 0 and math.isfinite(seconds)):
+    def draft_per_level(self, rows: int) -> float | None:
+        """Measured seconds per draft level at ``rows``, once seen ``min_count`` times, else None."""
+        return self.draft_level.get(rows) if self._draft_seen.get(rows, 0) >= self.min_count else None
+
+    def add(self, rows: int, q: int, seconds: float, predicted: float) -> None:
+        """One verify of ``q`` query tokens per row took ``seconds`` where ``predicted`` was expected."""
+        if not (seconds > 0 and math.isfinite(seconds) and predicted > 0 and math.isfinite(predicted)):
             return
-        prev, n = self.table.get((rows, q), (seconds, 0))
-        self.table[(rows, q)] = ((1 - self.ema) * prev + self.ema * seconds if n else seconds, n + 1)
+        ratio = seconds / predicted
+        prev, n = self.table.get((rows, q), (ratio, 0))
+        self.table[(rows, q)] = ((1 - self.ema) * prev + self.ema * ratio if n else ratio, n + 1)
 
     def get(self, rows: int, q: int) -> tuple[float, int] | None:
-        """(EMA seconds, observations) once seen ``min_count`` times, else None."""
+        """(EMA of measured / predicted, observations) once seen ``min_count`` times, else None."""
         value, n = self.table.get((rows, q), (0.0, 0))
         return (value, n) if n >= self.min_count else None
 
@@ -72,6 +88,8 @@ class ModeState:
     def predict(self, draft_prob: torch.Tensor, depth: torch.Tensor, lookup: torch.Tensor | None = None,
                 sibling: torch.Tensor | None = None) -> torch.Tensor:
         pred = self.acceptance.predict(draft_prob, depth)
+        if lookup is None and sibling is None:  # a draft-model chain: one kind (skips three mask syncs)
+            return pred
         for model, mask in self._kinds(lookup, sibling, pred)[:2]:
             if bool(mask.any()):
                 pred = torch.where(mask, model.predict(draft_prob, depth).to(pred.device, pred.dtype), pred)
@@ -80,6 +98,9 @@ class ModeState:
     def update(self, draft_prob: torch.Tensor, depth: torch.Tensor, outcome: torch.Tensor,
                lookup: torch.Tensor | None = None, sibling: torch.Tensor | None = None) -> None:
         """Fold verified nodes (1-D tensors) into their own kind's calibration."""
+        if lookup is None and sibling is None:
+            self.acceptance.update(draft_prob, depth, outcome)
+            return
         for model, keep in self._kinds(lookup, sibling, draft_prob):
             if bool(keep.any()):
                 model.update(draft_prob[keep], depth[keep], outcome[keep])

@@ -33,10 +33,10 @@ def plan_chain_level(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[torch.
     alive = ctx.cand_path_prob[:, 0].numpy() > 0
     allowed = ctx.max_depth.cpu().numpy() >= ctx.level
     pred = self.acceptance.predict_np(p, ctx.level)
-    n = float(self.acceptance.n.sum())
+    n = self.acceptance.n_total
     w = f32(n / (n + self.calibration_warmup))
     alpha = st.alpha.astype(f32)
-    row_pred = np.clip(pred * st.row_scale, f32(0), f32(1)).astype(f32)
+    row_pred = np.minimum(np.maximum(pred * st.row_scale, f32(0)), f32(1)).astype(f32)  # clip, cheaper on B-vectors
     a = np.maximum(w * row_pred + (f32(1) - w) * alpha, row_pred)  # each chain node is its parent's top child
     v = np.where(alive & allowed, st.chain_last * a, f32(0)).astype(f32)
     st.level_v = v
@@ -66,11 +66,16 @@ def plan_chain_level(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[torch.
     n_add[order[:best_j]] = 1
     self.predicted_time = float(t_best)
     n_exp = np.zeros(b, dtype=np.int64)
-    if best_j and ctx.level < self.cap:
+    extra = f32(st.draft1)
+    rest = np.where((v > 0) & (n_add == 0), v, f32(0)).astype(f32)  # candidates this level's rule leaves out
+    if ctx.level < self.cap and lookahead_pays(rest, alpha, have_n + n_add, base_tokens + f32(v[order[:best_j]].sum()),
+                                               spent - extra, extra, verify, self.cap - ctx.level + 1, best_g):
+        n_add = np.maximum(n_add, (rest > 0).astype(np.int64))  # this level is drafted already: its first is free
+        n_exp = n_add.copy()
+    elif best_j and ctx.level < self.cap:
         tokens_now = base_tokens + f32(v[order[:best_j]].sum())
         child = np.where(n_add > 0, v, f32(0)) * alpha
         corder = np.argsort(-child, kind="stable")[: int((child > 0).sum())]
-        extra = f32(st.draft1)
         counts = have_n + n_add
         more = np.zeros(b, dtype=np.int64)
         g_best, e_best, acc = best_g, 0, tokens_now
@@ -81,9 +86,38 @@ def plan_chain_level(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[torch.
             if g > g_best:
                 g_best, e_best = g, j
         n_exp[corder[:e_best]] = 1
+        if e_best == 0 and lookahead_pays(child, alpha, counts, f32(tokens_now), spent, extra, verify,
+                                          self.cap - ctx.level, g_best):
+            n_exp = (child > 0).astype(np.int64)
         n_exp = np.minimum(n_exp, n_add)
+    st.level_expands = bool(n_exp.any())
     dev = ctx.cand_prob.device
     return torch.from_numpy(n_add).to(dev), torch.from_numpy(n_exp).to(dev)
+
+def lookahead_pays(child: np.ndarray, alpha: np.ndarray, counts: np.ndarray, tokens: np.float32, spent: np.float32,
+                   extra: np.float32, verify: np.ndarray, levels_left: int, g_best) -> bool:
+    """Would ``j`` more levels of nodes under the rows of ``child`` pay, for some ``j`` from 2 to
+    ``levels_left``? ``child`` holds the first of those levels' values (0: a row not continued),
+    deeper ones are valued at the row's running rate per level, each level costs ``extra``. Why
+    beyond one level: a verify time that jumps at some widths and is nearly flat after them (this
+    CPU's, from one query token to two; a profile's noisy kinks) stops a rule that looks one level
+    ahead in front of every jump. What is drafted on this hope is pruned by the final selection
+    if the real draft probabilities do not bear it out."""
+    on = child > 0
+    if levels_left < 2 or not on.any():
+        return False
+    f32 = np.float32
+    top = len(verify) - 1
+    level_v = np.where(on, child, f32(0)).astype(f32)
+    alpha = alpha.astype(f32)
+    for j in range(1, levels_left + 1):
+        tokens = tokens + f32(level_v.sum())
+        t = spent + f32(j) * extra + verify[min(int((counts + j * on).max()), top)]
+        if j > 1 and tokens / t > g_best:
+            return True
+        level_v = level_v * alpha
+    return False
+
 
 def select_chain(self: "AdaptivePlanner", tree: DraftTree) -> torch.Tensor | None:
     """:meth:`select` for chains from the recorded per-level values; None if the tree is not

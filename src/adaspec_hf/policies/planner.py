@@ -26,15 +26,15 @@ from adaspec_hf.efficiency.acceptance import AcceptanceModel
 from adaspec_hf.efficiency.latency import LatencyModel
 from adaspec_hf.efficiency.state import ModeState, ObservedCosts, RowLookup
 from adaspec_hf.policies.base import DraftPolicy, LevelContext, StepContext, StepOutcome
-from adaspec_hf.policies.chain import plan_chain_level, select_chain
+from adaspec_hf.policies.chain import lookahead_pays, plan_chain_level, select_chain
 from adaspec_hf.policies.choice import skip_draft
+from adaspec_hf.policies.learning import ROW_PRIOR_NODES, learn_acceptance
 from adaspec_hf.policies.selection import best_prefix, goodput_budget
 from adaspec_hf.core.tree import DraftTree, top_among_siblings
 
 logger = logging.getLogger("adaspec_hf")
 
 CHOSEN_HISTORY = 4096  # per-step statistics kept by a planner (a long-running engine steps forever)
-ROW_PRIOR_NODES = 4.0  # pseudo-nodes at the pair's rate a new row starts with (a few steps of its own outweigh them)
 ROW_SCALE_BOUNDS = (1.0, 4.0)  # a row may be easier than the pair's calibration says (a loop, a quote), never judged harder on a few nodes
 PROBE_MAX_GAP = 64  # idle steps between probes after repeated fruitless ones (the gap doubles up to this)
 PROBE_LENGTHS = (1, 2, 4)  # chain lengths a probe cycles through: cheap, and spanning the likely optimum
@@ -62,6 +62,7 @@ class PlanStep:
     chain_sum: np.ndarray | None = None
     chain_values: list | None = None
     level_v: np.ndarray | None = None  # this level's candidate values, until choose() commits them
+    level_expands: bool | None = None  # whether this level's decision expands any row (chain path)
 
 
 class AdaptivePlanner(DraftPolicy):
@@ -123,22 +124,27 @@ class AdaptivePlanner(DraftPolicy):
 
     # ------------------------------------------------------------------ costs
     def _costs(self, rows: int, context: float, max_q: int) -> np.ndarray:
-        """Verify time for 1..max_q query tokens per row: the profile's prediction, replaced by what
-        was measured here. Contention only inflates timings, so a measurement below the profile is
-        believed at once, one above it only once confirmed (a busy-machine profile must not freeze
-        the decisions, and one noisy step must not either)."""
-        out = []
+        """Verify time for 1..max_q query tokens per row: the profile's curve (with the latency model's
+        running drift correction) times what was measured here for each shape, relative to it.
+        Contention only inflates timings, so a shape measured below the curve is believed at once,
+        one above it only once confirmed (a busy-machine profile must not freeze the decisions, and
+        one noisy step must not either)."""
+        out = self.latency.target_curve(rows, context, max_q)[1:]
         for q in range(1, max_q + 1):
-            pred = self.latency.target_time(rows, q, context)
             seen = self.observed.get(rows, q)
             if seen is not None:
-                value, n = seen
-                pred = value if n >= self.observed.confirm else min(value, pred)
-            out.append(pred)
-        return np.asarray(out)
+                ratio, n = seen
+                out[q - 1] *= ratio if n >= self.observed.confirm else min(ratio, 1.0)
+        return out
 
     def _draft_cost(self, rows: int, tokens: float, context: float) -> float:
-        return self.latency.draft_time(rows, max(tokens, 1.0), context)
+        """One draft level: the profile's forward plus what a level has cost here beyond a bare
+        one-token forward (the drafter's and the policy's work, ~2.5 ms a level on the built-in
+        pair on a CPU, against a 0.9 ms forward: left out, the planner drafted deeper than paid).
+        Added, not scaled: that work does not grow with the level's width."""
+        bare = self.latency.draft_time(rows, max(tokens, 1.0), context)
+        seen = self.observed.draft_per_level(rows)
+        return bare + max(seen - self.latency.draft_time(rows, 1.0, context), 0.0) if seen else bare
 
     # ---------------------------------------------------------------- decisions
     def max_depth(self, ctx: StepContext) -> torch.Tensor:
@@ -219,7 +225,7 @@ class AdaptivePlanner(DraftPolicy):
         scale = self._step.row_scale if self._step is not None and self._step.row_scale is not None else None
         scale = torch.ones(pred.shape[0]) if scale is None else torch.from_numpy(scale)
         row_pred = (pred * scale.to(pred.device, pred.dtype)[:, None]).clamp(0.0, 1.0)
-        n = float(self.acceptance.n.sum()) if hasattr(self.acceptance, "n") else 0.0
+        n = self.acceptance.n_total
         w = n / (n + self.calibration_warmup)
         blend = w * row_pred + (1 - w) * row_alpha.to(pred.dtype)
         out = torch.where(top, torch.maximum(blend, row_pred), pred)
@@ -270,7 +276,9 @@ class AdaptivePlanner(DraftPolicy):
 
     def _commit_level(self, n_add: torch.Tensor, n_exp: torch.Tensor) -> None:
         st = self._step
-        if bool((n_exp > 0).any()):
+        expands = st.level_expands if st.level_expands is not None else bool((n_exp > 0).any())
+        st.level_expands = None
+        if expands:
             st.draft_levels += 1
         if st.level_v is not None:  # the chain path's bookkeeping of what was added
             add = n_add.cpu().numpy() > 0
@@ -310,7 +318,15 @@ class AdaptivePlanner(DraftPolicy):
 
         # one more level? predicted children of the best nodes, at the running top-1 acceptance
         n_exp = torch.zeros_like(n_add)
-        if best and ctx.level < self.cap:
+        f32 = np.float32
+        rest = torch.where((v[:, 0] > 0) & (n_add == 0), v[:, 0], 0.0).cpu().numpy().astype(f32) if c else None
+        extra1 = f32(self._draft_cost(rows, 1.0, context))
+        if rest is not None and ctx.level < self.cap and lookahead_pays(
+                rest, st.alpha, (have_n + n_add).long().cpu().numpy(), f32(tokens_now), f32(spent) - extra1, extra1,
+                st.verify.astype(f32), self.cap - ctx.level + 1, f32(g_now)):  # as the chain rule: rows left out
+            n_add = torch.maximum(n_add, torch.from_numpy((rest > 0).astype(np.int64)).to(dev))
+            n_exp = (n_add > 0).long()
+        elif best and ctx.level < self.cap:
             added_v = torch.where(torch.arange(c, device=dev)[None, :] < n_add[:, None], v, 0.0)
             e = min(self.max_children, c) if self.tree else 1
             top_v, _ = added_v.topk(min(e, c), dim=1)
@@ -332,6 +348,11 @@ class AdaptivePlanner(DraftPolicy):
                 expand_rows = torch.zeros(b, dtype=torch.long, device=dev)
                 expand_rows.index_add_(0, rows_c[:best_j], torch.ones(best_j, dtype=torch.long, device=dev))
                 n_exp = torch.minimum(expand_rows, n_add)
+            else:  # deeper than one level? (each row's best node, as the chain rule does)
+                child = (top_v[:, 0] * alpha[:, 0]).cpu().numpy().astype(f32)
+                if lookahead_pays(child, st.alpha, base_counts.long().cpu().numpy(), f32(tokens_now), f32(spent),
+                                  f32(extra_draft), st.verify.astype(f32), self.cap - ctx.level, f32(best_next)):
+                    n_exp = torch.minimum(torch.from_numpy((child > 0).astype(np.int64)).to(dev), n_add)
         return n_add, n_exp
 
     def _select_chain(self, tree: DraftTree) -> torch.Tensor | None:
@@ -366,43 +387,7 @@ class AdaptivePlanner(DraftPolicy):
         if not tree.width:
             self.chosen.append(0.0)
         if tree.width:
-            tested = outcome.tested & tree.valid
-            target = outcome.accept_prob if outcome.accept_prob.dtype.is_floating_point else outcome.accepted.float()
-            # per-row acceptance of tried draft-model nodes (for chains: the geometric MLE) and, apart,
-            # of prompt-lookup nodes: each has its own calibration and must not drag the other's rate
-            ids = outcome.row_ids.tolist() if outcome.row_ids is not None else list(range(tree.batch))
-            is_l = tree.lookup.cpu() if tree.lookup is not None else torch.zeros_like(tested.cpu())
-            model, look = (tested.cpu() & ~is_l), (tested.cpu() & is_l)
-            # what the calibrations predicted for the tested nodes, before they learn from them
-            keys = torch.where(tree.valid, tree.parents, -2 - torch.arange(tree.width, device=tree.parents.device))
-            runner = ~top_among_siblings(tree.draft_prob.float(), keys).cpu()  # not its parent's top child
-            pred_all = self.mode.predict(tree.draft_prob.float(), tree.depth.clamp(min=1), tree.lookup, runner).cpu()
-            y = target.float().cpu()
-            predicted, got = (pred_all * model).sum(1).tolist(), (y * model).sum(1).tolist()
-            self.row_lookup.observe(ids, y * look, pred_all * look, look)
-            if bool(tested.any()):
-                self.mode.update(tree.draft_prob[tested].float(), tree.depth[tested], target[tested].float(),
-                                 None if tree.lookup is None else tree.lookup[tested], runner.to(tested.device)[tested])
-            n_tested = model.sum(1).tolist()
-            n_acc = (outcome.accepted.cpu() & ~is_l & tree.valid.cpu()).sum(1).tolist()
-            w = self.config.row_ema
-            for r, n, a in zip(ids, n_tested, n_acc):
-                if n:
-                    # a ratio of decayed sums, not a decayed mean of ratios: a chain step's a / n
-                    # (j accepted of j + 1 tested) is biased low, and averaging per-step ratios
-                    # weights a 1-node step like a 9-node one
-                    acc, tried = self._row_counts.get(r, (self.prior * ROW_PRIOR_NODES, ROW_PRIOR_NODES))
-                    acc, tried = (1 - w) * acc + w * a, (1 - w) * tried + w * n
-                    self._row_counts[r] = (acc, tried)
-                    self.alpha[r] = acc / tried
-            for r, n, g, pr in zip(ids, n_tested, got, predicted):
-                if n:
-                    acc, pred = self._row_calib.get(r, (1.0, 1.0))
-                    self._row_calib[r] = ((1 - w) * acc + w * g, (1 - w) * pred + w * pr)
-            total = sum(n_tested)
-            if total:
-                w = self.config.pair_rate_ema
-                self.mode.running_rate = (1 - w) * self.prior + w * sum(n_acc) / total
+            learn_acceptance(self, outcome)
             self.chosen.append(float(tree.valid.sum(1).float().mean()))
         if st is not None and tree.width:
             # a probe that found nothing doubles the wait for the next one; any accepted token resets it
@@ -412,6 +397,7 @@ class AdaptivePlanner(DraftPolicy):
             del self.chosen[: len(self.chosen) - CHOSEN_HISTORY // 4]
         if st is not None:
             q = 1 + (int(tree.valid.sum(1).max()) if tree.width else 0)
+            predicted = self.latency.target_time(st.rows, q, st.context)  # before this step corrects it
             self.latency.observe("target", st.rows, q, st.context, outcome.verify_time)
-            self.observed.add(st.rows, q, outcome.verify_time)
+            self.observed.add(st.rows, q, outcome.verify_time, predicted)
             self.observed.add_draft(st.rows, st.draft_levels + 1 if tree.width else 0, outcome.draft_time)

@@ -1,0 +1,72 @@
+"""What the goodput planner learns from a verified step's outcome: the pair's acceptance
+calibration (one per kind of node), each row's running acceptance rate and calibration factor, and
+the pair's running rate that new rows start from.
+
+Apart from :mod:`adaspec_hf.policies.planner` because it is the one job that reads outcomes, not
+plans: the planner's decisions only read the state this writes.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from adaspec_hf.core.context import StepOutcome
+from adaspec_hf.core.tree import top_among_siblings
+
+if TYPE_CHECKING:
+    from adaspec_hf.policies.planner import AdaptivePlanner
+
+ROW_PRIOR_NODES = 4.0  # pseudo-nodes at the pair's rate a new row starts with (a few steps of its own outweigh them)
+
+
+def learn_acceptance(planner: "AdaptivePlanner", outcome: StepOutcome) -> None:
+    """Fold a step with drafted nodes into the calibrations and the per-row rates."""
+    tree = outcome.tree
+    tested = outcome.tested & tree.valid
+    target = outcome.accept_prob if outcome.accept_prob.dtype.is_floating_point else outcome.accepted.float()
+    # per-row acceptance of tried draft-model nodes (for chains: the geometric MLE) and, apart,
+    # of prompt-lookup nodes: each has its own calibration and must not drag the other's rate
+    ids = outcome.row_ids.tolist() if outcome.row_ids is not None else list(range(tree.batch))
+    is_l = tree.lookup.cpu() if tree.lookup is not None else torch.zeros_like(tested.cpu())
+    model, look = (tested.cpu() & ~is_l), (tested.cpu() & is_l)
+    # what the calibrations predicted for the tested nodes, before they learn from them
+    runner = None  # a draft-model chain: every node is its parent's only (so top) child
+    if tree.lookup is not None or planner.max_children > 1:
+        keys = torch.where(tree.valid, tree.parents, -2 - torch.arange(tree.width, device=tree.parents.device))
+        runner = ~top_among_siblings(tree.draft_prob.float(), keys).cpu()  # not its parent's top child
+    pred_all = planner.mode.predict(tree.draft_prob.float(), tree.depth.clamp(min=1), tree.lookup, runner).cpu()
+    y = target.float().cpu()
+    # a row's rate and calibration factor are those of top children: they price going one level
+    # deeper (the planner's look-ahead, a chain's next node). Counting a tree's tested runners-up,
+    # accepted far less often, made a tree row's rate look like a hopeless draft's, and the tree
+    # planner stopped drafting on text where it paid
+    if runner is not None:
+        model = model & ~runner
+    predicted, got = (pred_all * model).sum(1).tolist(), (y * model).sum(1).tolist()
+    if tree.lookup is not None:
+        planner.row_lookup.observe(ids, y * look, pred_all * look, look)
+    if bool(tested.any()):
+        planner.mode.update(tree.draft_prob[tested].float(), tree.depth[tested], target[tested].float(),
+                             None if tree.lookup is None else tree.lookup[tested],
+                             None if runner is None else runner.to(tested.device)[tested])
+    n_tested = model.sum(1).tolist()
+    n_acc = (outcome.accepted.cpu() & model).sum(1).tolist()
+    w = planner.config.row_ema
+    for r, n, a in zip(ids, n_tested, n_acc):
+        if n:
+            # a ratio of decayed sums, not a decayed mean of ratios: a chain step's a / n
+            # (j accepted of j + 1 tested) is biased low, and averaging per-step ratios
+            # weights a 1-node step like a 9-node one
+            acc, tried = planner._row_counts.get(r, (planner.prior * ROW_PRIOR_NODES, ROW_PRIOR_NODES))
+            acc, tried = (1 - w) * acc + w * a, (1 - w) * tried + w * n
+            planner._row_counts[r] = (acc, tried)
+            planner.alpha[r] = acc / tried
+    for r, n, g, pr in zip(ids, n_tested, got, predicted):
+        if n:
+            acc, pred = planner._row_calib.get(r, (1.0, 1.0))
+            planner._row_calib[r] = ((1 - w) * acc + w * g, (1 - w) * pred + w * pr)
+    total = sum(n_tested)
+    if total:
+        w = planner.config.pair_rate_ema
+        planner.mode.running_rate = (1 - w) * planner.prior + w * sum(n_acc) / total
