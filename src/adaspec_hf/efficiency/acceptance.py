@@ -153,7 +153,7 @@ class AcceptanceModel:
     def predict_np(self, draft_prob: np.ndarray, depth: int) -> np.ndarray:
         """:meth:`predict` for a small numpy vector at one depth, in float32 like the torch path
         (the chain planner calls it once per draft level: torch's per-op overhead would dominate)."""
-        if self._cpu_lut is None or self._np_lut is None:
+        if self._cpu_lut is None:  # stale: rebuilding it rebuilds the numpy copy too
             self._lut(torch.device("cpu"), torch.float32)
         lut = self._np_lut
         R = self._res

@@ -67,13 +67,13 @@ def plan_chain_level(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[torch.
     self.predicted_time = float(t_best)
     n_exp = np.zeros(b, dtype=np.int64)
     extra = f32(st.draft1)
+    tokens_now = base_tokens + f32(v[order[:best_j]].sum())
     rest = np.where((v > 0) & (n_add == 0), v, f32(0)).astype(f32)  # candidates this level's rule leaves out
-    if ctx.level < self.cap and lookahead_pays(rest, alpha, have_n + n_add, base_tokens + f32(v[order[:best_j]].sum()),
+    if ctx.level < self.cap and lookahead_pays(rest, alpha, have_n + n_add, tokens_now,
                                                spent - extra, extra, verify, self.cap - ctx.level + 1, best_g):
         n_add = np.maximum(n_add, (rest > 0).astype(np.int64))  # this level is drafted already: its first is free
         n_exp = n_add.copy()
     elif best_j and ctx.level < self.cap:
-        tokens_now = base_tokens + f32(v[order[:best_j]].sum())
         child = np.where(n_add > 0, v, f32(0)) * alpha
         corder = np.argsort(-child, kind="stable")[: int((child > 0).sum())]
         counts = have_n + n_add

@@ -31,8 +31,8 @@ def skip_draft(planner: "AdaptivePlanner", values: torch.Tensor, n_lookup: torch
     verify = st.verify
     top = len(verify) - 1
     overhead = planner.latency.overhead
-    # what a draft level has cost here (measured, drafter and policy work included), if more than profiled
-    draft1 = max(st.draft1, planner.observed.draft_per_level(b) or 0.0)
+    # what a draft level has cost here (measured, drafter and policy work included), as the planner priced it
+    draft1 = st.draft1
     best_g = (b + float(e_l.sum())) / (overhead + verify[min(width, top)])
     best_k = 0
     for k in range(1, st.draft_gain.shape[1] + 1):

@@ -319,9 +319,11 @@ class AdaptivePlanner(DraftPolicy):
         # one more level? predicted children of the best nodes, at the running top-1 acceptance
         n_exp = torch.zeros_like(n_add)
         f32 = np.float32
-        rest = torch.where((v[:, 0] > 0) & (n_add == 0), v[:, 0], 0.0).cpu().numpy().astype(f32) if c else None
-        extra1 = f32(self._draft_cost(rows, 1.0, context))
-        if rest is not None and ctx.level < self.cap and lookahead_pays(
+        extra1 = f32(st.draft1)  # one draft level, as priced for this step in max_depth
+        rest = None  # each row's best candidate where this level's rule added nothing
+        if c and ctx.level < self.cap:
+            rest = torch.where((v[:, 0] > 0) & (n_add == 0), v[:, 0], 0.0).cpu().numpy().astype(f32)
+        if rest is not None and lookahead_pays(
                 rest, st.alpha, (have_n + n_add).long().cpu().numpy(), f32(tokens_now), f32(spent) - extra1, extra1,
                 st.verify.astype(f32), self.cap - ctx.level + 1, f32(g_now)):  # as the chain rule: rows left out
             n_add = torch.maximum(n_add, torch.from_numpy((rest > 0).astype(np.int64)).to(dev))
