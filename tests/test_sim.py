@@ -177,6 +177,42 @@ def test_chain_fast_path_decides_as_the_general_path(batch, curve):
     assert a.mean_draft > 1.0  # it did draft: the comparison is not vacuous
 
 
+def runner_up_trace(n_rows: int, length: int, seed: int) -> Trace:
+    """Draft top-3 with varied confidences; the output is the draft's argmax 70% of the time, its
+    runner-up 20%: a tree's second children are sometimes accepted."""
+    from adaspec_hf.sim.trace import RowTrace
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_rows):
+        y = rng.integers(10, 1000, size=length)
+        u = rng.random(length)
+        rank = np.where(u < 0.7, 0, np.where(u < 0.9, 1, 3))  # 3: in none of the top-3
+        top = np.stack([y + 1 + j for j in range(3)], 1)
+        for j in range(3):
+            top[rank == j, j] = y[rank == j]
+        p1 = rng.uniform(0.3, 0.95, length)
+        p2 = (1 - p1) * rng.uniform(0.3, 0.8, length)
+        probs = np.stack([p1, p2, (1 - p1 - p2) * 0.5], 1)
+        rows.append(RowTrace(16, y.tolist(), top, probs))
+    return Trace(rows, False, {"synthetic": "runner-ups"})
+
+
+@pytest.mark.parametrize("batch,curve", [(1, "smooth"), (3, "smooth"), (1, "jump"), (3, "flat")])
+def test_tree_numpy_path_decides_as_the_torch_path(batch, curve):
+    """The tree planner's recorded node values (numpy) are an implementation detail: identical
+    trees, step for step, to pricing every level from the partial tree with torch."""
+    tr = runner_up_trace(3, 100, seed=12)
+    lat = {"smooth": latency(ratio=20), "jump": jump_latency(3), "flat": latency(ratio=30, growth=0.0)}[curve]
+    fast, slow = planner(lat, tree=True), planner(lat, tree=True)
+    slow.record_trees = False
+    a = simulate(fast, tr, ProfileCost(lat), batch=batch)
+    b = simulate(slow, tr, ProfileCost(lat), batch=batch)
+    assert a.chosen == b.chosen and a.accepted == b.accepted and a.steps == b.steps
+    assert a.mean_draft > 1.5 and a.drafted > a.accepted + a.steps  # trees with runners-up: not vacuous
+    assert fast._step.tree_levels is not None or fast._step.probe  # the record held to the end
+
+
 def test_fruitless_probes_back_off():
     """A draft that is never right is re-tested ever more rarely (the gap doubles up to a bound)."""
     from adaspec_hf.policies.planner import PROBE_MAX_GAP

@@ -150,9 +150,9 @@ class AcceptanceModel:
             lo, hi = lut[0, i0], lut[0, i0 + 1]
         return lo + w * (hi - lo)
 
-    def predict_np(self, draft_prob: np.ndarray, depth: int) -> np.ndarray:
-        """:meth:`predict` for a small numpy vector at one depth, in float32 like the torch path
-        (the chain planner calls it once per draft level: torch's per-op overhead would dominate)."""
+    def predict_np(self, draft_prob: np.ndarray, depth: "int | np.ndarray") -> np.ndarray:
+        """:meth:`predict` for small numpy arrays, in float32 like the torch path (the planners call
+        it once per draft level and per verified step: torch's per-op overhead would dominate)."""
         if self._cpu_lut is None:  # stale: rebuilding it rebuilds the numpy copy too
             self._lut(torch.device("cpu"), torch.float32)
         lut = self._np_lut
@@ -161,7 +161,12 @@ class AcceptanceModel:
         u = np.minimum(np.maximum(np.asarray(draft_prob, dtype=np.float32), np.float32(0)), np.float32(1)) * np.float32(R)
         i0 = np.minimum(np.floor(u).astype(np.int64), R - 1)
         w = u - i0.astype(np.float32)
-        d = min(max(int(depth), 0), self.max_depth) if self.depth_adjust else 0
+        if not self.depth_adjust:
+            d = 0
+        elif np.ndim(depth):
+            d = np.minimum(np.maximum(np.asarray(depth, dtype=np.int64), 0), self.max_depth)
+        else:
+            d = min(max(int(depth), 0), self.max_depth)
         lo, hi = lut[d, i0], lut[d, i0 + 1]
         return lo + w * (hi - lo)
 
@@ -173,18 +178,24 @@ class AcceptanceModel:
         accepted prefix and the first rejected node). ``accepted`` is 0/1 (greedy) or, for sampling,
         the acceptance rule's own probability for the node (a lower-variance float target).
         """
+        p = draft_prob.detach().reshape(-1).to("cpu", torch.float64).numpy()
+        y = np.broadcast_to(torch.as_tensor(accepted).detach().to("cpu", torch.float64).numpy(),
+                            tuple(draft_prob.shape)).reshape(-1)
+        d = np.broadcast_to(torch.as_tensor(depth).detach().to("cpu").long().numpy(), tuple(draft_prob.shape))
+        self.update_np(p, d.reshape(-1), y)
+
+    def update_np(self, draft_prob: np.ndarray, depth: "np.ndarray | int", accepted: np.ndarray) -> None:
+        """:meth:`update` on numpy arrays (1-D, or ``depth`` / ``accepted`` broadcastable)."""
         # numpy on the CPU: a step verifies a handful of nodes, where torch's per-op cost dominates
-        p = np.clip(draft_prob.detach().reshape(-1).to("cpu", torch.float64).numpy(), 0.0, 1.0)
+        p = np.clip(np.asarray(draft_prob, dtype=np.float64).reshape(-1), 0.0, 1.0)
         n = p.size
         if n == 0:
             return
-        y = np.broadcast_to(torch.as_tensor(accepted).detach().to("cpu", torch.float64).numpy(),
-                            tuple(draft_prob.shape)).reshape(-1)
+        y = np.broadcast_to(np.asarray(accepted, dtype=np.float64), p.shape)
         B, D = self.n_bins, self.max_depth + 1
         b = np.minimum((p * B).astype(np.int64), B - 1)
         if self.depth_adjust:
-            d = np.broadcast_to(torch.as_tensor(depth).detach().to("cpu").long().numpy(), tuple(draft_prob.shape))
-            d = np.clip(d.reshape(-1), 0, self.max_depth)
+            d = np.clip(np.broadcast_to(np.asarray(depth, dtype=np.int64), p.shape), 0, self.max_depth)
             # depth-free prediction under the calibration before this batch (honest residuals):
             # the last row of the lookup table
             lut = self._lut(torch.device("cpu"), torch.float64)[-1].numpy()

@@ -105,6 +105,27 @@ class ModeState:
             if bool(keep.any()):
                 model.update(draft_prob[keep], depth[keep], outcome[keep])
 
+    def predict_np(self, draft_prob: np.ndarray, depth: np.ndarray, lookup: np.ndarray | None = None,
+                   sibling: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`predict` on numpy arrays (float32)."""
+        pred = self.acceptance.predict_np(draft_prob, depth)
+        if sibling is not None and sibling.any():
+            pred = np.where(sibling, self.sibling.predict_np(draft_prob, depth), pred)
+        if lookup is not None and lookup.any():  # lookup wins over sibling, as in :meth:`_kinds`
+            pred = np.where(lookup, self.lookup.predict_np(draft_prob, depth), pred)
+        return pred.astype(np.float32)
+
+    def update_np(self, draft_prob: np.ndarray, depth: np.ndarray, outcome: np.ndarray,
+                  lookup: np.ndarray | None = None, sibling: np.ndarray | None = None) -> None:
+        """:meth:`update` on 1-D numpy arrays."""
+        is_l = np.zeros(draft_prob.shape, dtype=bool) if lookup is None else lookup
+        is_s = np.zeros(draft_prob.shape, dtype=bool) if sibling is None else (sibling & ~is_l)
+        for model, keep in ((self.lookup, is_l), (self.sibling, is_s), (self.acceptance, ~(is_l | is_s))):
+            if keep.all():
+                model.update_np(draft_prob, depth, outcome)
+            elif keep.any():
+                model.update_np(draft_prob[keep], depth[keep], outcome[keep])
+
 
 @dataclass
 class PairState:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from adaspec_hf.core.context import StepOutcome
-from adaspec_hf.core.tree import top_among_siblings
+from adaspec_hf.policies.tree_plan import top_among_siblings_np
 
 if TYPE_CHECKING:
     from adaspec_hf.policies.planner import AdaptivePlanner
@@ -21,37 +21,43 @@ ROW_PRIOR_NODES = 4.0  # pseudo-nodes at the pair's rate a new row starts with (
 
 
 def learn_acceptance(planner: "AdaptivePlanner", outcome: StepOutcome) -> None:
-    """Fold a step with drafted nodes into the calibrations and the per-row rates."""
+    """Fold a step with drafted nodes into the calibrations and the per-row rates.
+
+    In numpy: a step verifies a few dozen nodes, where torch's per-op overhead was most of this."""
     tree = outcome.tree
-    tested = outcome.tested & tree.valid
-    target = outcome.accept_prob if outcome.accept_prob.dtype.is_floating_point else outcome.accepted.float()
+    valid = tree.valid.cpu().numpy()
+    tested = outcome.tested.cpu().numpy() & valid
+    target_t = outcome.accept_prob if outcome.accept_prob.dtype.is_floating_point else outcome.accepted
+    y = target_t.detach().float().cpu().numpy()
+    accepted = outcome.accepted.cpu().numpy().astype(bool)
+    prob = tree.draft_prob.detach().float().cpu().numpy()
+    depth = tree.depth.cpu().numpy()
     # per-row acceptance of tried draft-model nodes (for chains: the geometric MLE) and, apart,
     # of prompt-lookup nodes: each has its own calibration and must not drag the other's rate
     ids = outcome.row_ids.tolist() if outcome.row_ids is not None else list(range(tree.batch))
-    is_l = tree.lookup.cpu() if tree.lookup is not None else torch.zeros_like(tested.cpu())
-    model, look = (tested.cpu() & ~is_l), (tested.cpu() & is_l)
+    is_l = tree.lookup.cpu().numpy() if tree.lookup is not None else np.zeros_like(tested)
+    model, look = tested & ~is_l, tested & is_l
     # what the calibrations predicted for the tested nodes, before they learn from them
     runner = None  # a draft-model chain: every node is its parent's only (so top) child
     if tree.lookup is not None or planner.max_children > 1:
-        keys = torch.where(tree.valid, tree.parents, -2 - torch.arange(tree.width, device=tree.parents.device))
-        runner = ~top_among_siblings(tree.draft_prob.float(), keys).cpu()  # not its parent's top child
-    pred_all = planner.mode.predict(tree.draft_prob.float(), tree.depth.clamp(min=1), tree.lookup, runner).cpu()
-    y = target.float().cpu()
+        keys = np.where(valid, tree.parents.cpu().numpy(), -2 - np.arange(tree.width)[None, :])
+        runner = ~top_among_siblings_np(prob, keys)  # not its parent's top child
+    pred_all = planner.mode.predict_np(prob, np.maximum(depth, 1), None if tree.lookup is None else is_l, runner)
     # a row's rate and calibration factor are those of top children: they price going one level
     # deeper (the planner's look-ahead, a chain's next node). Counting a tree's tested runners-up,
     # accepted far less often, made a tree row's rate look like a hopeless draft's, and the tree
     # planner stopped drafting on text where it paid
     if runner is not None:
         model = model & ~runner
-    predicted, got = (pred_all * model).sum(1).tolist(), (y * model).sum(1).tolist()
+    predicted, got = np.where(model, pred_all, 0).sum(1).tolist(), np.where(model, y, 0).sum(1).tolist()
     if tree.lookup is not None:
-        planner.row_lookup.observe(ids, y * look, pred_all * look, look)
-    if bool(tested.any()):
-        planner.mode.update(tree.draft_prob[tested].float(), tree.depth[tested], target[tested].float(),
-                             None if tree.lookup is None else tree.lookup[tested],
-                             None if runner is None else runner.to(tested.device)[tested])
+        planner.row_lookup.observe(ids, np.where(look, y, 0), np.where(look, pred_all, 0), look)
+    if tested.any():
+        planner.mode.update_np(prob[tested], depth[tested], y[tested],
+                               None if tree.lookup is None else is_l[tested],
+                               None if runner is None else runner[tested])
     n_tested = model.sum(1).tolist()
-    n_acc = (outcome.accepted.cpu() & model).sum(1).tolist()
+    n_acc = (accepted & model).sum(1).tolist()
     w = planner.config.row_ema
     for r, n, a in zip(ids, n_tested, n_acc):
         if n:

@@ -26,10 +26,11 @@ from adaspec_hf.efficiency.acceptance import AcceptanceModel
 from adaspec_hf.efficiency.latency import LatencyModel
 from adaspec_hf.efficiency.state import ModeState, ObservedCosts, RowLookup
 from adaspec_hf.policies.base import DraftPolicy, LevelContext, StepContext, StepOutcome
-from adaspec_hf.policies.chain import lookahead_pays, plan_chain_level, select_chain
+from adaspec_hf.policies.chain import plan_chain_level, select_chain
 from adaspec_hf.policies.choice import skip_draft
 from adaspec_hf.policies.learning import ROW_PRIOR_NODES, learn_acceptance
-from adaspec_hf.policies.selection import best_prefix, goodput_budget
+from adaspec_hf.policies.selection import goodput_budget
+from adaspec_hf.policies.tree_plan import commit_tree_level, plan_tree_level, recorded_values, select_tree
 from adaspec_hf.core.tree import DraftTree, top_among_siblings
 
 logger = logging.getLogger("adaspec_hf")
@@ -63,6 +64,11 @@ class PlanStep:
     chain_values: list | None = None
     level_v: np.ndarray | None = None  # this level's candidate values, until choose() commits them
     level_expands: bool | None = None  # whether this level's decision expands any row (chain path)
+    # trees (the numpy path): per level drafted, the nodes' calibrated path values and validity, as
+    # the drafter lays them out (None: not recorded, the torch path prices), and this level's
+    # candidates' path values until choose() commits them
+    tree_levels: list | None = None
+    level_nodes: np.ndarray | None = None
 
 
 class AdaptivePlanner(DraftPolicy):
@@ -70,6 +76,7 @@ class AdaptivePlanner(DraftPolicy):
 
     needs_profile = True
     trims = True
+    record_trees = True  # price tree levels from recorded node values (numpy); False: the torch path throughout
 
     def __init__(self, latency: LatencyModel, acceptance: AcceptanceModel | None = None, *, tree: bool = False,
                  config: AdaptiveConfig | None = None, observed: ObservedCosts | None = None,
@@ -169,7 +176,8 @@ class AdaptivePlanner(DraftPolicy):
         self._step = PlanStep(rows=rows, context=context, verify=verify, alpha=alpha, draft1=draft1, row_scale=scale,
                               lookup_scale=self.row_lookup.scales(ids), draft_gain=row_gains,
                               chain_n=np.zeros(rows, dtype=np.int64), chain_last=np.ones(rows, dtype=np.float32),
-                              chain_sum=np.zeros(rows, dtype=np.float32), chain_values=[])
+                              chain_sum=np.zeros(rows, dtype=np.float32), chain_values=[],
+                              tree_levels=[] if self.tree and self.record_trees else None)
         gains = row_gains.sum(0)
         goodput = (gains + rows) / (self.latency.overhead + ks * draft1 + verify[ks])
         best_k = int(ks[np.argmax(goodput)]) if goodput.max() > rows / (self.latency.overhead + verify[0]) else 0
@@ -288,74 +296,23 @@ class AdaptivePlanner(DraftPolicy):
             st.chain_sum = st.chain_sum + v
             st.chain_last = np.where(add, v, st.chain_last).astype(np.float32)
             st.level_v = None
+        commit_tree_level(st, n_add.cpu().numpy())
 
     def _plan_level(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(n_add, n_expand) per row maximising predicted goodput; no side effect on the plan."""
         if self._chain_fast(ctx):
             return plan_chain_level(self, ctx)
-        self._step.level_v = None
         st = self._step
-        b, c = ctx.cand_path_prob.shape
-        dev = ctx.cand_path_prob.device
-        tree = ctx.tree
-        v, node_path = self._candidate_values(ctx)
-        if ctx.level == 1 and c:
-            ids = ctx.step.row_ids.tolist() if ctx.step.row_ids is not None else list(range(b))
-            w = self.config.row_ema
-            for r, best_v in zip(ids, v[:, 0].tolist()):
-                self.first_value[r] = (1 - w) * self.first_value.get(r, best_v) + w * best_v
-        have_n = tree.valid.sum(1) if tree.width else torch.zeros(b, dtype=torch.long, device=dev)
-        have_val = node_path.sum(1) if tree.width else torch.zeros(b, device=dev)
-        verify = st.verify
-        rows, context = st.rows, st.context
-        spent = self._spent()  # draft time so far this step (catch-up + fed levels), the same for every option
-
-        # every prefix of the globally sorted candidate list is an option; pick the best
-        n_add, g_now, t_now = best_prefix(v, have_n.float(), b + float(have_val.sum()), verify, spent)
-        best = int(n_add.sum())
-        tokens_now = b + float(have_val.sum()) + float((v * (torch.arange(c, device=dev)[None, :] < n_add[:, None])).sum())
-        self.predicted_time = t_now
-
-        # one more level? predicted children of the best nodes, at the running top-1 acceptance
-        n_exp = torch.zeros_like(n_add)
-        f32 = np.float32
-        extra1 = f32(st.draft1)  # one draft level, as priced for this step in max_depth
-        rest = None  # each row's best candidate where this level's rule added nothing
-        if c and ctx.level < self.cap:
-            rest = torch.where((v[:, 0] > 0) & (n_add == 0), v[:, 0], 0.0).cpu().numpy().astype(f32)
-        if rest is not None and lookahead_pays(
-                rest, st.alpha, (have_n + n_add).long().cpu().numpy(), f32(tokens_now), f32(spent) - extra1, extra1,
-                st.verify.astype(f32), self.cap - ctx.level + 1, f32(g_now)):  # as the chain rule: rows left out
-            n_add = torch.maximum(n_add, torch.from_numpy((rest > 0).astype(np.int64)).to(dev))
-            n_exp = (n_add > 0).long()
-        elif best and ctx.level < self.cap:
-            added_v = torch.where(torch.arange(c, device=dev)[None, :] < n_add[:, None], v, 0.0)
-            e = min(self.max_children, c) if self.tree else 1
-            top_v, _ = added_v.topk(min(e, c), dim=1)
-            alpha = torch.as_tensor(st.alpha, dtype=torch.float32, device=dev)[:, None]
-            child_v = (top_v * alpha).reshape(-1)
-            cv, corder = child_v.sort(descending=True)
-            rows_c = (corder // top_v.shape[1])
-            base_counts = (have_n + n_add).float()
-            more = torch.zeros(b, device=dev)
-            best_next, best_j = g_now, 0
-            extra_draft = self._draft_cost(rows, float(top_v.shape[1]), context)
-            for j in range(int((cv > 0).sum())):
-                more[rows_c[j]] += 1
-                q = int((base_counts + more).max().clamp(max=len(verify) - 1))
-                g = (tokens_now + float(cv[: j + 1].sum())) / (spent + extra_draft + float(verify[q]))
-                if g > best_next:
-                    best_next, best_j = g, j + 1
-            if best_j:
-                expand_rows = torch.zeros(b, dtype=torch.long, device=dev)
-                expand_rows.index_add_(0, rows_c[:best_j], torch.ones(best_j, dtype=torch.long, device=dev))
-                n_exp = torch.minimum(expand_rows, n_add)
-            else:  # deeper than one level? (each row's best node, as the chain rule does)
-                child = (top_v[:, 0] * alpha[:, 0]).cpu().numpy().astype(f32)
-                if lookahead_pays(child, st.alpha, base_counts.long().cpu().numpy(), f32(tokens_now), f32(spent),
-                                  f32(extra_draft), st.verify.astype(f32), self.cap - ctx.level, f32(best_next)):
-                    n_exp = torch.minimum(torch.from_numpy((child > 0).astype(np.int64)).to(dev), n_add)
-        return n_add, n_exp
+        st.level_v = None
+        rec = recorded_values(self, ctx) if st.tree_levels is not None else None
+        if rec is not None:
+            v, st.level_nodes, node_path = rec
+        else:  # priced by the torch path (prompt-lookup nodes, another layout, an accelerator)
+            vt, path = self._candidate_values(ctx)
+            v, node_path, st.level_nodes = vt.float().cpu().numpy(), path.float().cpu().numpy(), None
+        n_add, n_exp = plan_tree_level(self, ctx, v, node_path)
+        dev = ctx.cand_prob.device
+        return torch.from_numpy(n_add).to(dev), torch.from_numpy(n_exp).to(dev)
 
     def _select_chain(self, tree: DraftTree) -> torch.Tensor | None:
         return select_chain(self, tree)
@@ -366,10 +323,9 @@ class AdaptivePlanner(DraftPolicy):
         if tree.width == 0 or st is None or self._probing:
             # a probe is verified as drafted (to measure it), to its own depth only: free lookup levels are not probed
             return tree.valid & (tree.depth <= st.probe) if self._probing else tree.valid
-        if not self.tree:
-            keep = self._select_chain(tree)
-            if keep is not None:
-                return keep
+        keep = select_tree(self, tree) if self.tree else self._select_chain(tree)
+        if keep is not None:
+            return keep
         values = self._calibrated_path(tree).to(tree.tokens.device)
         keep, _, t = goodput_budget(tree, values, torch.as_tensor(st.verify), self._spent())
         self.predicted_time = t

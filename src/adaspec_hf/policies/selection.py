@@ -5,72 +5,95 @@ best nodes of a row (ties broken parent-first) always form a connected subtree, 
 maximises the expected accepted tokens for N nodes. Across the batch, every prefix of the globally
 sorted node list is a candidate budget; the verify cost of a prefix is set by its widest row (the
 batch is padded), so all prefixes are scored in one vectorised pass against a cost curve.
+
+The arithmetic is float32 numpy: these are (B, N) arrays of a few dozen nodes, scored once per draft
+level, where torch's per-op overhead cost a CPU step several milliseconds. The torch-facing
+functions convert at the edges.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from adaspec_hf.core.tree import DraftTree
 
-
-def top_n_subtree(tree: DraftTree, values: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """(B, N) mask of each row's ``n[b]`` best nodes by ``values``; closed under ancestors."""
-    b, w = tree.tokens.shape
-    if w == 0:
-        return tree.valid.clone()
-    v = _monotone(tree, values)
-    # stable sort by value, then by index (parents precede children, so they win ties)
-    order = torch.sort(v.masked_fill(~tree.valid, -1.0), dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(w, device=order.device)[None, :].expand(b, w))
-    return (rank < n[:, None]) & tree.valid
+F32 = np.float32
 
 
-def _monotone(tree: DraftTree, values: torch.Tensor) -> torch.Tensor:
-    """Clamp each node's value to at most its parent's (guards against non-monotone calibration)."""
-    v = values.clone().float()
-    for j in range(tree.width):  # parents precede children
-        p = tree.parents[:, j]
-        pv = v.gather(1, p.clamp(min=0)[:, None])[:, 0]
-        v[:, j] = torch.where(p >= 0, torch.minimum(v[:, j], pv), v[:, j])
-    return v.masked_fill(~tree.valid, 0.0)
-
-
-def best_prefix(
-    values: torch.Tensor,
-    base_counts: torch.Tensor,
-    base_tokens: float,
-    verify_cost: torch.Tensor,
-    fixed_cost: float,
-) -> tuple[torch.Tensor, float, float]:
+def best_prefix_np(values: np.ndarray, base_counts: np.ndarray, base_tokens: float, verify_cost: np.ndarray,
+                   fixed_cost: float) -> tuple[np.ndarray, float, float]:
     """Per-row counts ``n`` maximising (base_tokens + taken values) / (fixed + verify_cost[width]).
 
     ``values`` (B, C): each row's options in the order they must be taken (non-increasing, 0 = none);
     ``base_counts`` (B,) nodes each row already has; ``verify_cost[q]`` is the target forward time
-    with ``q + 1`` query tokens per row. Returns (n, goodput, step time).
+    with ``q + 1`` query tokens per row. Returns (n, goodput, step time); ties go to the smaller budget.
     """
     b, c = values.shape
-    dev = values.device
-    verify_cost = torch.as_tensor(verify_cost, dtype=torch.float32, device=dev)
-    flat = values.reshape(-1)
-    order = torch.sort(flat, descending=True, stable=True).indices[: int((flat > 0).sum())]
-    k = order.shape[0]
-    onehot = torch.zeros(k + 1, b, device=dev)
-    if k:
-        onehot[1:] = torch.nn.functional.one_hot(order // c, b).float()
-    counts = torch.cumsum(onehot, 0)
-    width = (counts + base_counts[None, :].float()).max(1).values.long().clamp(max=len(verify_cost) - 1)
-    tokens = base_tokens + torch.cat([torch.zeros(1, device=dev), torch.cumsum(flat[order], 0)])
-    times = fixed_cost + verify_cost[width]
-    goodput = tokens / times
-    best = int(torch.argmax(goodput))
-    return counts[best].long(), float(goodput[best]), float(times[best])
+    verify_cost = np.asarray(verify_cost, dtype=F32)
+    flat = np.asarray(values, dtype=F32).reshape(-1)
+    order = np.argsort(-flat, kind="stable")[: int((flat > 0).sum())]
+    counts = np.zeros((order.shape[0] + 1, b), dtype=np.int64)
+    if order.shape[0]:
+        counts[np.arange(1, order.shape[0] + 1), order // max(c, 1)] = 1
+        np.cumsum(counts, 0, out=counts)
+    width = np.minimum((counts + np.asarray(base_counts, dtype=np.int64)[None, :]).max(1), len(verify_cost) - 1)
+    tokens = F32(base_tokens) + np.concatenate([np.zeros(1, dtype=F32), np.cumsum(flat[order], dtype=F32)])
+    times = F32(fixed_cost) + verify_cost[width]
+    best = int(np.argmax(tokens / times))
+    return counts[best], float(tokens[best] / times[best]), float(times[best])
+
+
+def best_prefix(values: torch.Tensor, base_counts: torch.Tensor, base_tokens: float, verify_cost,
+                fixed_cost: float) -> tuple[torch.Tensor, float, float]:
+    """:func:`best_prefix_np` on tensors (returns the counts as a long tensor on ``values``' device)."""
+    n, g, t = best_prefix_np(values.detach().float().cpu().numpy(), base_counts.detach().cpu().numpy(),
+                             base_tokens, np.asarray(torch.as_tensor(verify_cost).cpu()), fixed_cost)
+    return torch.from_numpy(n).to(values.device), g, t
+
+
+def monotone_np(values: np.ndarray, parents: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Clamp each node's value to at most its parent's (guards against non-monotone calibration)."""
+    v = np.where(valid, values, F32(0)).astype(F32)
+    rows = np.arange(v.shape[0])
+    for j in range(v.shape[1]):  # parents precede children
+        p = parents[:, j]
+        v[:, j] = np.where(p >= 0, np.minimum(v[:, j], v[rows, np.maximum(p, 0)]), v[:, j])
+    return v
+
+
+def top_n_np(values: np.ndarray, valid: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """(B, N) mask of each row's ``n[b]`` best nodes of monotone ``values`` (ties: the earlier node,
+    so a parent before its children): closed under ancestors."""
+    b, w = values.shape
+    order = np.argsort(-np.where(valid, values, F32(-1)), axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(w), (b, w)), axis=1)
+    return (rank < np.asarray(n)[:, None]) & valid
+
+
+def top_n_subtree(tree: DraftTree, values: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """(B, N) mask of each row's ``n[b]`` best nodes by ``values``; closed under ancestors."""
+    if tree.width == 0:
+        return tree.valid.clone()
+    valid = tree.valid.cpu().numpy()
+    v = monotone_np(values.detach().float().cpu().numpy(), tree.parents.cpu().numpy(), valid)
+    return torch.from_numpy(top_n_np(v, valid, n.cpu().numpy())).to(tree.valid.device)
+
+
+def goodput_budget_np(values: np.ndarray, valid: np.ndarray, verify_cost: np.ndarray, fixed_cost: float
+                      ) -> tuple[np.ndarray, float, float]:
+    """:func:`goodput_budget` for monotone numpy values: (keep mask, goodput, step time)."""
+    b = values.shape[0]
+    v = np.where(valid, values, F32(0)).astype(F32)
+    sorted_v = -np.sort(-v, axis=1)
+    n, g, t = best_prefix_np(sorted_v, np.zeros(b, dtype=np.int64), float(b), verify_cost, fixed_cost)
+    return top_n_np(v, valid, n), g, t
 
 
 def goodput_budget(
     tree: DraftTree,
     values: torch.Tensor,
-    verify_cost: torch.Tensor,
+    verify_cost,
     fixed_cost: float,
 ) -> tuple[torch.Tensor, float, float]:
     """Choose per-row connected subtrees maximising (rows + selected values) / (fixed + verify).
@@ -78,11 +101,12 @@ def goodput_budget(
     Returns the (B, N) selection mask, the predicted goodput and the predicted step time.
     """
     b = tree.batch
+    verify = np.asarray(torch.as_tensor(verify_cost).cpu(), dtype=F32)
     if tree.width == 0:
-        n, g, t = best_prefix(values.new_zeros(b, 0), torch.zeros(b, device=values.device), float(b),
-                              verify_cost, fixed_cost)
+        _, g, t = best_prefix_np(np.zeros((b, 0), dtype=F32), np.zeros(b, dtype=np.int64), float(b), verify,
+                                 fixed_cost)
         return tree.valid.clone(), g, t
-    v = _monotone(tree, values)
-    sorted_v = torch.sort(v, dim=1, descending=True, stable=True).values
-    n, g, t = best_prefix(sorted_v, torch.zeros(b, device=v.device), float(b), verify_cost, fixed_cost)
-    return top_n_subtree(tree, v, n), g, t
+    valid = tree.valid.cpu().numpy()
+    v = monotone_np(values.detach().float().cpu().numpy(), tree.parents.cpu().numpy(), valid)
+    keep, g, t = goodput_budget_np(v, valid, verify, fixed_cost)
+    return torch.from_numpy(keep).to(tree.valid.device), g, t

@@ -1,0 +1,180 @@
+"""The goodput planner's rules for token trees, in float32 numpy.
+
+Why numpy: a tree level's decision is a few (B, C) arrays of a few dozen candidates, and the torch
+version (re-deriving every drafted node's calibrated path through a (B, N, N) ancestor matrix at each
+level, then sorting and scoring) cost the tree planner 7-13% of a CPU step and most of a simulated
+GPU step. Here a node's calibrated path value is recorded when it is added (its parent's value times
+its own calibrated acceptance), so a level only prices its new candidates.
+
+One decision rule serves both value sources: :func:`plan_tree_level` takes the candidates' values
+from :func:`recorded_values` when the partial tree is the one the planner recorded, and from the
+planner's torch path otherwise (prompt-lookup nodes, another drafter's layout); a test checks that
+both choose the same nodes step for step.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from adaspec_hf.core.context import LevelContext
+from adaspec_hf.core.tree import DraftTree
+from adaspec_hf.policies.chain import lookahead_pays
+from adaspec_hf.policies.selection import best_prefix_np, goodput_budget_np
+
+if TYPE_CHECKING:
+    from adaspec_hf.policies.planner import AdaptivePlanner
+
+F32 = np.float32
+MIN_NODE_ACCEPTANCE = 1e-6  # a node's acceptance floor in path values (as the torch path's log-space product)
+
+
+def top_among_siblings_np(prob: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """(B, C) whether each candidate is the most probable among those with its key (ties: the first)."""
+    c = prob.shape[1]
+    same = keys[:, :, None] == keys[:, None, :]
+    idx = np.arange(c)
+    better = (prob[:, None, :] > prob[:, :, None]) | (
+        (prob[:, None, :] == prob[:, :, None]) & (idx[None, None, :] < idx[None, :, None]))
+    return ~(same & better).any(-1)
+
+
+def _layouts(st) -> tuple[np.ndarray, np.ndarray]:
+    """(values, valid) of the recorded nodes as level blocks (the drafter's partial tree)."""
+    if not st.tree_levels:
+        z = np.zeros((st.rows, 0), dtype=F32)
+        return z, z.astype(bool)
+    return (np.concatenate([v for v, _ in st.tree_levels], 1), np.concatenate([o for _, o in st.tree_levels], 1))
+
+
+def _packed(values: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same nodes packed at the front of each row, in order (a packed tree's layout)."""
+    n = ok.sum(1)
+    width = int(n.max()) if n.size else 0
+    order = np.argsort(~ok, axis=1, kind="stable")[:, :width]
+    valid = np.arange(width)[None, :] < n[:, None]
+    return np.where(valid, np.take_along_axis(values, order, 1), F32(0)), valid
+
+
+def recorded_path(self: "AdaptivePlanner", tree: DraftTree) -> np.ndarray | None:
+    """(B, N) calibrated path values of ``tree``'s nodes from the planner's record of this step, in
+    ``tree``'s own layout (level blocks as the drafter builds them, or packed); None when ``tree`` is
+    not what was recorded."""
+    st = self._step
+    if st is None or st.tree_levels is None or tree.lookup is not None or tree.valid.device.type != "cpu":
+        return None
+    values, ok = _layouts(st)
+    valid = tree.valid.numpy()
+    if valid.shape == ok.shape and np.array_equal(valid, ok):
+        return values
+    values, ok = _packed(values, ok)
+    return values if valid.shape == ok.shape and np.array_equal(valid, ok) else None
+
+
+def recorded_values(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """This level's candidates priced from the record: (B, C) decision values (non-increasing along
+    a row), (B, C) path values they would have as nodes, and (B, N) those of the nodes so far; None
+    when the partial tree is not the recorded one."""
+    st = self._step
+    node_path = recorded_path(self, ctx.tree) if ctx.cand_prob.device.type == "cpu" else None
+    if node_path is None:
+        return None
+    p = ctx.cand_prob.float().numpy()
+    b, c = p.shape
+    alive = ctx.cand_path_prob.numpy() > 0
+    parent = (ctx.cand_parent.numpy() if ctx.cand_parent is not None else np.full((b, c), -1, dtype=np.int64))
+    keys = np.where(alive, parent, -2 - np.arange(c)[None, :])
+    top = top_among_siblings_np(p, keys)
+    mode = self.mode
+    pred = mode.acceptance.predict_np(p, ctx.level)
+    if not top.all():
+        pred = np.where(top, pred, mode.sibling.predict_np(p, ctx.level)).astype(F32)
+    row_pred = np.minimum(np.maximum(pred * st.row_scale[:, None], F32(0)), F32(1))
+    n = self.acceptance.n_total
+    w = F32(n / (n + self.calibration_warmup))
+    blend = w * row_pred + (F32(1) - w) * st.alpha.astype(F32)[:, None]
+    a = np.where(top, np.maximum(blend, row_pred), pred).astype(F32)
+    if node_path.shape[1]:
+        par_val = np.where(parent >= 0, np.take_along_axis(node_path, np.maximum(parent, 0), 1), F32(1))
+    else:
+        par_val = np.ones((b, c), dtype=F32)
+    raw = np.where(alive, par_val * a, F32(0)).astype(F32)
+    allowed = (ctx.max_depth.cpu().numpy() >= ctx.level)[:, None]
+    v = np.minimum.accumulate(raw, axis=1) * allowed  # a row's candidates are taken in the drafter's order
+    nodes = np.where(alive, par_val * np.minimum(np.maximum(a, F32(MIN_NODE_ACCEPTANCE)), F32(1)), F32(0))
+    return v.astype(F32), nodes.astype(F32), node_path
+
+
+def plan_tree_level(self: "AdaptivePlanner", ctx: LevelContext, v: np.ndarray, node_path: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(n_add, n_expand) per row maximising predicted goodput, from this level's candidate values
+    ``v`` (B, C) and the path values of the nodes so far ``node_path`` (B, N)."""
+    st = self._step
+    b, c = v.shape
+    if ctx.level == 1 and c:
+        ids = ctx.step.row_ids.tolist() if ctx.step.row_ids is not None else list(range(b))
+        rw = self.config.row_ema
+        for r, best_v in zip(ids, v[:, 0].tolist()):
+            self.first_value[r] = (1 - rw) * self.first_value.get(r, best_v) + rw * best_v
+    valid = ctx.tree.valid.cpu().numpy() if ctx.tree.width else np.zeros((b, 0), dtype=bool)
+    have_n = valid.sum(1).astype(np.int64)
+    have_val = F32(np.where(valid, node_path, F32(0)).sum()) if node_path.shape[1] else F32(0)
+    verify = st.verify.astype(F32)
+    spent = F32(self._spent())  # draft time so far this step (catch-up + fed levels), the same for every option
+    # every prefix of the globally sorted candidate list is an option; pick the best
+    n_add, g_now, t_now = best_prefix_np(v, have_n, F32(b) + have_val, verify, spent)
+    self.predicted_time = t_now
+    taken = np.arange(c)[None, :] < n_add[:, None]
+    tokens_now = F32(b) + have_val + F32(np.where(taken, v, F32(0)).sum())
+    n_exp = np.zeros(b, dtype=np.int64)
+    if not c or ctx.level >= self.cap:
+        return n_add, n_exp
+    alpha = st.alpha.astype(F32)
+    extra1 = F32(st.draft1)  # one draft level, as priced for this step in max_depth
+    rest = np.where((v[:, 0] > 0) & (n_add == 0), v[:, 0], F32(0)).astype(F32)  # rows this level's rule left out
+    if lookahead_pays(rest, alpha, have_n + n_add, tokens_now, spent - extra1, extra1, verify,
+                      self.cap - ctx.level + 1, F32(g_now)):  # as the chain rule
+        n_add = np.maximum(n_add, (rest > 0).astype(np.int64))
+        return n_add, (n_add > 0).astype(np.int64)
+    if not n_add.any():
+        return n_add, n_exp
+    # one more level? predicted children of each row's best added nodes, at its running rate
+    e = min(self.max_children, c) if self.tree else 1
+    top_v = -np.sort(-np.where(taken, v, F32(0)), axis=1)[:, :e]
+    child = (top_v * alpha[:, None]).reshape(-1)
+    extra = F32(self._draft_cost(st.rows, float(e), st.context))
+    base = have_n + n_add
+    more, g_next, _ = best_prefix_np(child.reshape(b, e), base, tokens_now, verify, spent + extra)
+    if g_next > g_now and more.any():
+        return n_add, np.minimum(more, n_add)
+    # deeper than one level? (each row's best node, as the chain rule does)
+    if lookahead_pays(top_v[:, 0] * alpha, alpha, base, tokens_now, spent, extra, verify, self.cap - ctx.level,
+                      F32(g_now)):
+        n_exp = np.minimum((top_v[:, 0] * alpha > 0).astype(np.int64), n_add)
+    return n_add, n_exp
+
+
+def commit_tree_level(st, n_add: np.ndarray) -> None:
+    """Record the path values of the nodes this level adds (the first ``n_add[b]`` candidates of each
+    row, a block as wide as the widest row's, as the drafter lays them out)."""
+    nodes, st.level_nodes = st.level_nodes, None
+    if st.tree_levels is None:
+        return
+    if nodes is None:  # this level was priced by the torch path: the record no longer holds
+        st.tree_levels = None
+        return
+    width = int(n_add.max()) if n_add.size else 0
+    if width:
+        ok = np.arange(width)[None, :] < n_add[:, None]
+        st.tree_levels.append((np.where(ok, nodes[:, :width], F32(0)).astype(F32), ok))
+
+
+def select_tree(self: "AdaptivePlanner", tree: DraftTree) -> torch.Tensor | None:
+    """:meth:`select` from the recorded path values; None when ``tree`` is not the recorded one."""
+    values = recorded_path(self, tree)
+    if values is None:
+        return None
+    keep, _, t = goodput_budget_np(values, tree.valid.numpy(), self._step.verify.astype(F32), self._spent())
+    self.predicted_time = t
+    return torch.from_numpy(keep)
