@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--cost", choices=["profile", "gpu"], default="profile",
                     help="charge steps with the pair's profile on this machine, or a GPU-shaped curve (verify "
                          "flat up to 256 tokens then linear, 2 ms per draft level; planners plan with it)")
+    ap.add_argument("--draft-level-ms", type=float, default=0.0,
+                    help="with --cost profile: charge each draft level this many ms beyond its bare forward "
+                         "(the real loop's per-level work; see the planner's measured draft cost per level)")
     args = ap.parse_args()
 
     load = load_average()
@@ -92,7 +95,8 @@ def main() -> None:
                                  temperature=args.temperature, seed=0, pad_token_id=tok.pad_token_id or 0,
                                  eos_token_id=tok.eos_token_id, outputs=outputs)
             outputs = [r.tokens for r in trace.rows]  # the target's outputs do not depend on the draft
-            cost = GpuShapedCost() if args.cost == "gpu" else ProfileCost(fresh_state(target, d).latency)
+            cost = GpuShapedCost() if args.cost == "gpu" else ProfileCost(fresh_state(target, d).latency,
+                                                                          level_extra=args.draft_level_ms / 1e3)
             print(f"\n== {dname} draft, {mode}: trace of {len(trace.rows)} rows in {time.perf_counter() - t0:.0f} s; "
                   f"draft argmax = output at {sum(r.acceptance_rate() for r in trace.rows) / len(trace.rows):.2f} "
                   "of positions")
@@ -130,6 +134,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "simulate" if args.cost == "profile" else f"simulate_{args.cost}"
+    if args.draft_level_ms:
+        stem += f"_level{args.draft_level_ms:g}ms"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1))
     plot(result, out / f"{stem}.png")

@@ -132,16 +132,19 @@ def test_greedy_equivalence_with_planner(arch, policy):
 
 def test_idle_probes_measure_wider_verifies():
     """With a profile that says wide verifies are ruinous, the planner still probes now and then
-    (1, 2, 4 tokens), so that real measurements can correct the profile. Replayed offline: the
-    step costs are the profile's own, so nothing here depends on this machine's timing."""
+    (1, 2, 4 tokens), so that real measurements can correct the profile; each probe waits for its
+    price (here 1, 2 and 4 plain steps) over the probe budget. Replayed offline: the step costs
+    are the profile's own, so nothing here depends on this machine's timing."""
     from adaspec_hf.sim import ProfileCost, simulate, synthetic_trace
-    from adaspec_hf.policies.planner import PROBE_LENGTHS
+    from adaspec_hf.policies.planner import PROBE_BUDGET, PROBE_LENGTHS
 
     lat = steep_target()
     planner = AdaptivePlanner(lat)
-    res = simulate(planner, synthetic_trace(1, 120, 1.0), ProfileCost(lat))
+    res = simulate(planner, synthetic_trace(1, 300, 1.0), ProfileCost(lat))
     drafted = [c for c in res.chosen if c]
     assert planner.probes >= 3 and drafted[:3] == [float(k) for k in PROBE_LENGTHS]
+    at = [i for i, c in enumerate(res.chosen) if c]
+    assert at[0] >= 1 / PROBE_BUDGET - 1 and at[1] - at[0] >= 2 / PROBE_BUDGET  # a 1-token probe costs a step
     assert len(drafted) == planner.probes  # only probes drafted: the profile says nothing else pays
     assert planner.observed.get(1, 2) is not None  # a probe measured a 2-token verify
 

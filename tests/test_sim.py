@@ -113,6 +113,57 @@ def test_hopeless_draft_is_not_used():
     assert off.mean_draft < 0.05
 
 
+def test_probes_that_do_not_pay_back_off_at_a_large_batch():
+    """16 rows of a draft accepted 10% of the time: each probe verifies 16-64 nodes and nearly always
+    gets one right, which is no reason to probe again soon; the gap must still grow to its cap."""
+    from adaspec_hf.policies.planner import PROBE_MAX_GAP
+
+    tr = synthetic_trace(16, 400, 0.1, seed=5)
+    cost = ProfileCost(latency(ratio=10))
+    p = planner(latency(ratio=10))
+    res = simulate(p, tr, cost, batch=16)
+    assert p.probe_gap == PROBE_MAX_GAP
+    assert p.probes <= 3 + res.steps // PROBE_MAX_GAP + 5  # 8, 16, 32, 64, 64, ... idle steps apart
+    vanilla = simulate(StaticChain(0), tr, cost, batch=16)
+    assert res.tokens_per_s >= 0.97 * vanilla.tokens_per_s
+
+
+def test_probes_are_priced_at_a_large_batch():
+    """A draft that is never right, 16 rows, short calls (64 tokens) on a curve where wide verifies
+    are dear: the first probes of every call (8, 16, 32 idle steps apart) cost ~5% of the time
+    unless a probe waits for its price; priced, the planner stays within 3% of no speculation."""
+    from adaspec_hf.policies.planner import PROBE_BUDGET
+
+    lat = latency(ratio=10, growth=0.05)
+    cost = ProfileCost(lat)
+    p = planner(lat)
+    simulate(p, synthetic_trace(16, 64, 0.0, confidence=0.3, seed=9), cost, batch=16)  # learns the draft is hopeless
+    tr = synthetic_trace(16, 64, 0.0, confidence=0.3, seed=10)
+    res = simulate(p, tr, cost, batch=16)
+    vanilla = simulate(StaticChain(0), tr, cost, batch=16)
+    assert 1 <= sum(c > 0 for c in res.chosen) <= 2  # it does still probe (unpriced: 3 probes, 0.94x vanilla)
+    assert res.tokens_per_s >= (1 - PROBE_BUDGET * 0.6) * vanilla.tokens_per_s
+
+
+def test_a_call_is_planned_for_its_slowest_row():
+    """Two rows the draft predicts well next to two it does not, on a GPU-shaped curve: a generate
+    call ends with its slowest row, so drafting deep for the easy rows (whose levels delay the hard
+    ones too) must not be what the planner does; weighing rows by their steps left does it."""
+    from adaspec_hf.sim.trace import Trace
+
+    easy, hard = synthetic_trace(2, 120, 0.95, seed=3), synthetic_trace(2, 120, 0.45, seed=4)
+    tr = Trace([easy.rows[0], hard.rows[0], easy.rows[1], hard.rows[1]], False, {})
+    cost = GpuShapedCost()
+    t, d = cost.as_latency_points()
+    lat = LatencyModel.from_points(t, d, overhead=cost.overhead, bounds=(1.0, 1.0))
+    best = max(simulate(StaticChain(k), tr, cost, batch=4).tokens_per_s for k in range(11))
+    weighed = simulate(planner(lat), tr, cost, batch=4)
+    flat = simulate(planner(lat), tr, cost, batch=4, ends_together=False)  # every row counted alike
+    assert weighed.tokens_per_s >= 1.04 * flat.tokens_per_s  # measured 0.95 vs 0.89 of the best static
+    assert weighed.tokens_per_s >= 0.93 * best
+    assert weighed.mean_draft < flat.mean_draft
+
+
 def test_gpu_shaped_cost_makes_width_free_until_the_budget():
     c = GpuShapedCost(base=0.02, budget=64, per_token=0.001)
     assert c.verify(1, 1, 0) == c.verify(8, 8, 0) == 0.02 and c.verify(8, 9, 0) > 0.02

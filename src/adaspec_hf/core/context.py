@@ -31,6 +31,10 @@ class StepContext:
     # Seeded sampling: race(d, vocab) -> (B, vocab) Exp(1) noise of each row's token at depth d + 1
     # (see adaspec_hf.core.race), shared by the drafter and the verifier; None: no sampled row has a key
     race: Callable[[int, int], torch.Tensor] | None = None
+    # One call over a fixed batch (``generate``): it returns when its slowest row finishes, so a row
+    # that will finish early gains the call little (the planner weighs rows by their steps left).
+    # False where finished rows are replaced by new requests (the serving engine).
+    ends_together: bool = False
 
 
 @dataclass

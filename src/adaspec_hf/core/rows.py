@@ -153,7 +153,7 @@ class RowSource:
         raise error
 
     def context(self, **kw) -> StepContext:
-        return StepContext(**kw)
+        return StepContext(**kw, ends_together=True)  # a generate call; the engine's rows override this
 
     def commit(self, rid: torch.Tensor, emitted: torch.Tensor, n_emit: torch.Tensor, scores: torch.Tensor,
                raw: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -40,16 +40,18 @@ def plan_chain_level(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[torch.
     a = np.maximum(w * row_pred + (f32(1) - w) * alpha, row_pred)  # each chain node is its parent's top child
     v = np.where(alive & allowed, st.chain_last * a, f32(0)).astype(f32)
     st.level_v = v
+    path_v = v
+    v = (v * st.row_weight).astype(f32)  # what each row's tokens are worth to the batch (see max_depth)
     if ctx.level == 1:
         ids = ctx.step.row_ids.tolist() if ctx.step.row_ids is not None else list(range(b))
         rw = self.config.row_ema
-        for r, best_v in zip(ids, v.tolist()):
+        for r, best_v in zip(ids, path_v.tolist()):
             self.first_value[r] = (1 - rw) * self.first_value.get(r, best_v) + rw * best_v
     verify = st.verify.astype(f32)
     top = len(verify) - 1
     spent = f32(self._spent())
     have_n = st.chain_n
-    base_tokens = f32(b) + f32(st.chain_sum.sum())
+    base_tokens = f32(st.row_weight.sum()) + f32(st.chain_sum.sum())
     # options: prefixes of the candidates sorted by value across rows (one candidate per row)
     order = np.argsort(-v, kind="stable")[: int((v > 0).sum())]
     taken = np.zeros(b, dtype=np.int64)
@@ -135,7 +137,7 @@ def select_chain(self: "AdaptivePlanner", tree: DraftTree) -> torch.Tensor | Non
     spent = f32(self._spent())
     flat_order = np.argsort(-vals.reshape(-1), kind="stable")[: int((vals > 0).sum())]
     counts = np.zeros(b, dtype=np.int64)
-    tokens = f32(b)
+    tokens = f32(st.row_weight.sum())
     best_n, best_g, best_t = counts.copy(), tokens / (spent + verify[0]), spent + verify[0]
     for idx in flat_order:
         r = idx // vals.shape[1]

@@ -18,6 +18,8 @@ import torch
 from adaspec_hf.core.tree import DraftTree
 
 F32 = np.float32
+MIN_OPTION_VALUE = 1e-9  # expected tokens below which a node is no option: where width is free, which of two
+# ways of computing a deep path's product underflows first would otherwise decide whether it is verified
 
 
 def best_prefix_np(values: np.ndarray, base_counts: np.ndarray, base_tokens: float, verify_cost: np.ndarray,
@@ -31,13 +33,15 @@ def best_prefix_np(values: np.ndarray, base_counts: np.ndarray, base_tokens: flo
     b, c = values.shape
     verify_cost = np.asarray(verify_cost, dtype=F32)
     flat = np.asarray(values, dtype=F32).reshape(-1)
-    order = np.argsort(-flat, kind="stable")[: int((flat > 0).sum())]
+    order = np.argsort(-flat, kind="stable")[: int((flat > MIN_OPTION_VALUE).sum())]
     counts = np.zeros((order.shape[0] + 1, b), dtype=np.int64)
     if order.shape[0]:
         counts[np.arange(1, order.shape[0] + 1), order // max(c, 1)] = 1
         np.cumsum(counts, 0, out=counts)
     width = np.minimum((counts + np.asarray(base_counts, dtype=np.int64)[None, :]).max(1), len(verify_cost) - 1)
-    tokens = F32(base_tokens) + np.concatenate([np.zeros(1, dtype=F32), np.cumsum(flat[order], dtype=F32)])
+    # float64 sums: on a flat cost a deep node's ~1e-6 tokens vanish into a float32 sum of ~100, and
+    # the rounding, not the node, would decide whether it is kept
+    tokens = float(base_tokens) + np.concatenate([np.zeros(1), np.cumsum(flat[order], dtype=np.float64)])
     times = F32(fixed_cost) + verify_cost[width]
     best = int(np.argmax(tokens / times))
     return counts[best], float(tokens[best] / times[best]), float(times[best])
@@ -80,13 +84,15 @@ def top_n_subtree(tree: DraftTree, values: torch.Tensor, n: torch.Tensor) -> tor
     return torch.from_numpy(top_n_np(v, valid, n.cpu().numpy())).to(tree.valid.device)
 
 
-def goodput_budget_np(values: np.ndarray, valid: np.ndarray, verify_cost: np.ndarray, fixed_cost: float
-                      ) -> tuple[np.ndarray, float, float]:
-    """:func:`goodput_budget` for monotone numpy values: (keep mask, goodput, step time)."""
+def goodput_budget_np(values: np.ndarray, valid: np.ndarray, verify_cost: np.ndarray, fixed_cost: float,
+                      base_tokens: float | None = None) -> tuple[np.ndarray, float, float]:
+    """:func:`goodput_budget` for monotone numpy values: (keep mask, goodput, step time).
+    ``base_tokens``: what the rows emit with nothing verified (default: one token per row)."""
     b = values.shape[0]
     v = np.where(valid, values, F32(0)).astype(F32)
     sorted_v = -np.sort(-v, axis=1)
-    n, g, t = best_prefix_np(sorted_v, np.zeros(b, dtype=np.int64), float(b), verify_cost, fixed_cost)
+    n, g, t = best_prefix_np(sorted_v, np.zeros(b, dtype=np.int64), float(b) if base_tokens is None else base_tokens,
+                             verify_cost, fixed_cost)
     return top_n_np(v, valid, n), g, t
 
 
@@ -95,18 +101,20 @@ def goodput_budget(
     values: torch.Tensor,
     verify_cost,
     fixed_cost: float,
+    base_tokens: float | None = None,
 ) -> tuple[torch.Tensor, float, float]:
-    """Choose per-row connected subtrees maximising (rows + selected values) / (fixed + verify).
+    """Choose per-row connected subtrees maximising (base + selected values) / (fixed + verify),
+    ``base_tokens`` defaulting to one token per row.
 
     Returns the (B, N) selection mask, the predicted goodput and the predicted step time.
     """
     b = tree.batch
+    base = float(b) if base_tokens is None else base_tokens
     verify = np.asarray(torch.as_tensor(verify_cost).cpu(), dtype=F32)
     if tree.width == 0:
-        _, g, t = best_prefix_np(np.zeros((b, 0), dtype=F32), np.zeros(b, dtype=np.int64), float(b), verify,
-                                 fixed_cost)
+        _, g, t = best_prefix_np(np.zeros((b, 0), dtype=F32), np.zeros(b, dtype=np.int64), base, verify, fixed_cost)
         return tree.valid.clone(), g, t
     valid = tree.valid.cpu().numpy()
     v = monotone_np(values.detach().float().cpu().numpy(), tree.parents.cpu().numpy(), valid)
-    keep, g, t = goodput_budget_np(v, valid, verify, fixed_cost)
+    keep, g, t = goodput_budget_np(v, valid, verify, fixed_cost, base)
     return torch.from_numpy(keep).to(tree.valid.device), g, t

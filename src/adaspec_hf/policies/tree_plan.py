@@ -117,16 +117,19 @@ def plan_tree_level(self: "AdaptivePlanner", ctx: LevelContext, v: np.ndarray, n
         rw = self.config.row_ema
         for r, best_v in zip(ids, v[:, 0].tolist()):
             self.first_value[r] = (1 - rw) * self.first_value.get(r, best_v) + rw * best_v
+    weight = st.row_weight[:, None]  # what each row's tokens are worth to the call (see max_depth)
+    v = (v * weight).astype(F32)
     valid = ctx.tree.valid.cpu().numpy() if ctx.tree.width else np.zeros((b, 0), dtype=bool)
     have_n = valid.sum(1).astype(np.int64)
-    have_val = F32(np.where(valid, node_path, F32(0)).sum()) if node_path.shape[1] else F32(0)
+    have_val = F32(np.where(valid, node_path * weight, F32(0)).sum()) if node_path.shape[1] else F32(0)
     verify = st.verify.astype(F32)
     spent = F32(self._spent())  # draft time so far this step (catch-up + fed levels), the same for every option
     # every prefix of the globally sorted candidate list is an option; pick the best
-    n_add, g_now, t_now = best_prefix_np(v, have_n, F32(b) + have_val, verify, spent)
+    worth = F32(st.row_weight.sum())  # each row's bonus token
+    n_add, g_now, t_now = best_prefix_np(v, have_n, worth + have_val, verify, spent)
     self.predicted_time = t_now
     taken = np.arange(c)[None, :] < n_add[:, None]
-    tokens_now = F32(b) + have_val + F32(np.where(taken, v, F32(0)).sum())
+    tokens_now = worth + have_val + F32(np.where(taken, v, F32(0)).sum())
     n_exp = np.zeros(b, dtype=np.int64)
     if not c or ctx.level >= self.cap:
         return n_add, n_exp
@@ -175,6 +178,8 @@ def select_tree(self: "AdaptivePlanner", tree: DraftTree) -> torch.Tensor | None
     values = recorded_path(self, tree)
     if values is None:
         return None
-    keep, _, t = goodput_budget_np(values, tree.valid.numpy(), self._step.verify.astype(F32), self._spent())
+    st = self._step
+    keep, _, t = goodput_budget_np(values * st.row_weight[:, None], tree.valid.numpy(), st.verify.astype(F32),
+                                   self._spent(), float(st.row_weight.sum()))
     self.predicted_time = t
     return torch.from_numpy(keep)

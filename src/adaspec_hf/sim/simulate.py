@@ -169,9 +169,11 @@ def _grow(call: TimedPolicy, trace_rows, n_gen: list[int], ctx: StepContext, max
 
 
 def simulate(policy: DraftPolicy, trace: Trace, cost: CostCurve, *, batch: int = 1,
-             max_new_tokens: int | None = None, include_decision_time: bool = False) -> SimResult:
+             max_new_tokens: int | None = None, include_decision_time: bool = False,
+             ends_together: bool = True) -> SimResult:
     """Run ``policy`` over ``trace`` in batches of ``batch`` rows (each batch one ``generate`` call:
-    rows leave as they finish); return the simulated totals."""
+    rows leave as they finish); return the simulated totals. ``ends_together=False`` tells the policy
+    what an engine would (finished rows are replaced, so no row's tokens count less)."""
     res = SimResult(policy=policy.name)
     call = TimedPolicy(policy)
     for start in range(0, len(trace.rows), batch):
@@ -190,7 +192,7 @@ def simulate(policy: DraftPolicy, trace: Trace, cost: CostCurve, *, batch: int =
             length = torch.tensor([group[i].prompt_len + n_gen[i] for i in active], dtype=torch.long)
             remaining = torch.tensor([limit[i] - n_gen[i] for i in active], dtype=torch.long)
             ctx = StepContext(rows=b, context_len=length, remaining=remaining, sampling=trace.sampling, step=step,
-                              row_ids=ids)
+                              row_ids=ids, ends_together=ends_together)  # a batch replays one generate call
             st = sim_step(call, rows, [n_gen[i] for i in active], ctx, cost, max(1, policy.max_children))
             n_acc, tree, step_time = st.n_accepted, st.tree, st.step_time
             emit = torch.minimum(n_acc + 1, remaining).tolist()
