@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 
@@ -149,6 +150,17 @@ def top_among_siblings(prob: torch.Tensor, parent: torch.Tensor) -> torch.Tensor
     c = prob.shape[1]
     same = parent[:, :, None] == parent[:, None, :]
     idx = torch.arange(c, device=prob.device)
+    better = (prob[:, None, :] > prob[:, :, None]) | (
+        (prob[:, None, :] == prob[:, :, None]) & (idx[None, None, :] < idx[None, :, None]))
+    return ~(same & better).any(-1)
+
+
+def top_among_siblings_np(prob: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """(B, C) numpy :func:`top_among_siblings`: whether each entry is the most probable among those
+    with its key (ties: the first). The planners' numpy paths call it once per level and per step."""
+    c = prob.shape[1]
+    same = keys[:, :, None] == keys[:, None, :]
+    idx = np.arange(c)
     better = (prob[:, None, :] > prob[:, :, None]) | (
         (prob[:, None, :] == prob[:, :, None]) & (idx[None, None, :] < idx[None, :, None]))
     return ~(same & better).any(-1)

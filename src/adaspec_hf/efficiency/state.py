@@ -97,13 +97,13 @@ class ModeState:
 
     def update(self, draft_prob: torch.Tensor, depth: torch.Tensor, outcome: torch.Tensor,
                lookup: torch.Tensor | None = None, sibling: torch.Tensor | None = None) -> None:
-        """Fold verified nodes (1-D tensors) into their own kind's calibration."""
-        if lookup is None and sibling is None:
-            self.acceptance.update(draft_prob, depth, outcome)
-            return
-        for model, keep in self._kinds(lookup, sibling, draft_prob):
-            if bool(keep.any()):
-                model.update(draft_prob[keep], depth[keep], outcome[keep])
+        """Fold verified nodes (1-D tensors) into their own kind's calibration (:meth:`update_np`)."""
+        def np_(t):
+            return None if t is None else t.detach().cpu().numpy()
+        p = draft_prob.detach().to("cpu", torch.float64).reshape(-1).numpy()
+        d = np.broadcast_to(torch.as_tensor(depth).detach().cpu().long().numpy(), p.shape)
+        y = np.broadcast_to(torch.as_tensor(outcome).detach().to("cpu", torch.float64).numpy(), p.shape)
+        self.update_np(p, d, y, np_(lookup), np_(sibling))
 
     def predict_np(self, draft_prob: np.ndarray, depth: np.ndarray, lookup: np.ndarray | None = None,
                    sibling: np.ndarray | None = None) -> np.ndarray:

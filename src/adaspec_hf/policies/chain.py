@@ -40,12 +40,11 @@ def plan_chain_level(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[torch.
     a = np.maximum(w * row_pred + (f32(1) - w) * alpha, row_pred)  # each chain node is its parent's top child
     v = np.where(alive & allowed, st.chain_last * a, f32(0)).astype(f32)
     st.level_v = v
-    path_v = v
     v = (v * st.row_weight).astype(f32)  # what each row's tokens are worth to the batch (see max_depth)
     if ctx.level == 1:
         ids = ctx.step.row_ids.tolist() if ctx.step.row_ids is not None else list(range(b))
         rw = self.config.row_ema
-        for r, best_v in zip(ids, path_v.tolist()):
+        for r, best_v in zip(ids, st.level_v.tolist()):
             self.first_value[r] = (1 - rw) * self.first_value.get(r, best_v) + rw * best_v
     verify = st.verify.astype(f32)
     top = len(verify) - 1

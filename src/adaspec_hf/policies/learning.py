@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from adaspec_hf.core.context import StepOutcome
-from adaspec_hf.policies.tree_plan import top_among_siblings_np
+from adaspec_hf.core.tree import top_among_siblings_np
 
 if TYPE_CHECKING:
     from adaspec_hf.policies.planner import AdaptivePlanner

@@ -194,9 +194,8 @@ class AdaptivePlanner(DraftPolicy):
         goodput = (gains + worth) / (self.latency.overhead + ks * draft1 + verify[ks])
         best_k = int(ks[np.argmax(goodput)]) if goodput.max() > worth / (self.latency.overhead + verify[0]) else 0
         length = min(PROBE_LENGTHS[self.probes % len(PROBE_LENGTHS)], self.cap)
-        plain = self.latency.overhead + float(verify[0])
-        price = (draft1 * length + float(verify[min(length, len(verify) - 1)] - verify[0])) / plain
-        if self.probe_every and self.idle_steps >= max(self.probe_gap, price / PROBE_BUDGET):
+        if self.probe_every and self.idle_steps >= self.probe_gap and (
+                self.idle_steps >= (self._probe_time(length, length) / self._probe_time(0, 0) - 1) / PROBE_BUDGET):
             # nothing drafted for a while: try a short chain to re-measure the acceptance and the
             # real cost of wider verify steps, so bad estimates cannot stick
             self.probes += 1
@@ -375,12 +374,14 @@ class AdaptivePlanner(DraftPolicy):
         wider verify)? Not "any token accepted": a 16-row probe verifies ~40 nodes, and even an
         unrelated draft gets one of them right, so at large batches the wait kept resetting and the
         probes cost a few percent of the time (simulated, random draft at 16 rows: 0.94x vanilla)."""
+        rows = self._step.rows
+        probe = self._probe_time(self._step.probe, int(tree.valid.sum(1).max()))
+        return (rows + float(outcome.n_accepted.sum())) / probe >= rows / self._probe_time(0, 0)
+
+    def _probe_time(self, levels: int, nodes: int) -> float:
+        """Predicted seconds of this step with ``levels`` draft levels and ``nodes`` verified per row."""
         st = self._step
-        rows = st.rows
-        plain = self.latency.overhead + float(st.verify[0])
-        n = min(int(tree.valid.sum(1).max()), len(st.verify) - 1)
-        probe = self.latency.overhead + st.draft1 * st.probe + float(st.verify[n])
-        return (rows + float(outcome.n_accepted.sum())) / probe >= rows / plain
+        return self.latency.overhead + st.draft1 * levels + float(st.verify[min(nodes, len(st.verify) - 1)])
 
     # ------------------------------------------------------------------- learning
     def observe(self, outcome: StepOutcome) -> None:

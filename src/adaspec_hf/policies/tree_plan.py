@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from adaspec_hf.core.context import LevelContext
-from adaspec_hf.core.tree import DraftTree
+from adaspec_hf.core.tree import DraftTree, top_among_siblings_np
 from adaspec_hf.policies.chain import lookahead_pays
 from adaspec_hf.policies.selection import best_prefix_np, goodput_budget_np
 
@@ -28,16 +28,6 @@ if TYPE_CHECKING:
 
 F32 = np.float32
 MIN_NODE_ACCEPTANCE = 1e-6  # a node's acceptance floor in path values (as the torch path's log-space product)
-
-
-def top_among_siblings_np(prob: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """(B, C) whether each candidate is the most probable among those with its key (ties: the first)."""
-    c = prob.shape[1]
-    same = keys[:, :, None] == keys[:, None, :]
-    idx = np.arange(c)
-    better = (prob[:, None, :] > prob[:, :, None]) | (
-        (prob[:, None, :] == prob[:, :, None]) & (idx[None, None, :] < idx[None, :, None]))
-    return ~(same & better).any(-1)
 
 
 def _layouts(st) -> tuple[np.ndarray, np.ndarray]:
