@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from adaspec_hf import enable
-from adaspec_hf.bench.harness import open_pair, pair_arguments, run_benchmark, write_results
+from adaspec_hf.bench.harness import open_pair, pair_arguments, run_benchmark, speed_ratios, write_results
 from adaspec_hf.bench.prompts import default_text_prompts, load_prompt_ids
 
 STATIC = [f"static-{k}" for k in range(1, 9)]
@@ -53,11 +53,16 @@ def main() -> None:
             print(res.table())
             write_results(res, args.out)
             by = {r.method: r for r in res.rows}
-            best_static = max(STATIC, key=lambda m: by[m].tokens_per_s)
+            vs_static = speed_ratios(res.rows, "adaptive", STATIC)
+            vs_hf = speed_ratios(res.rows, "adaptive", ["hf-assisted"])
             summary[f"batch1_{mode}"] = {
-                "ours_vs_hf_assisted": by["adaptive"].tokens_per_s / by["hf-assisted"].tokens_per_s,
-                "ours_vs_best_static": by["adaptive"].tokens_per_s / by[best_static].tokens_per_s,
-                "best_static": best_static,
+                "ours_vs_hf_assisted": vs_hf["hindsight"],
+                "ours_vs_hf_assisted_paired": vs_hf["paired"],
+                "ours_vs_best_static": vs_static["hindsight"],
+                "best_static": vs_static["best"],
+                "ours_vs_best_static_paired": vs_static["paired"],
+                "ours_vs_best_static_paired_range": [vs_static["paired_min"], vs_static["paired_max"]],
+                "ours_vs_best_static_held_out": vs_static.get("held_out"),
                 "tree_vs_chain_accepted_per_pass": (by["adaptive-tree"].accepted_per_step or 0)
                 / max(by["adaptive"].accepted_per_step or 1e-9, 1e-9),
                 "tree_vs_chain_speed": by["adaptive-tree"].tokens_per_s / by["adaptive"].tokens_per_s,
@@ -70,11 +75,16 @@ def main() -> None:
         rows = {(r.method, r.batch): r for r in res.rows}
         sweep = {}
         for b in sizes:
-            best_k = max((m for m in STATIC if (m, b) in rows), key=lambda m: rows[(m, b)].tokens_per_s)
-            better = max(rows[("vanilla", b)].tokens_per_s, rows[(best_k, b)].tokens_per_s)
-            sweep[b] = {"best_static": best_k, "ours_vs_better_of_vanilla_and_best_static":
-                        rows[("adaptive", b)].tokens_per_s / better,
-                        "tree_vs_better": rows[("adaptive-tree", b)].tokens_per_s / better,
+            at = [r for r in res.rows if r.batch == b]
+            statics = [r.method for r in at if r.method in STATIC]
+            vs = speed_ratios(at, "adaptive", ["vanilla", *statics])
+            tree = speed_ratios(at, "adaptive-tree", ["adaptive"])
+            sweep[b] = {"best_static": max(statics, key=lambda m: rows[(m, b)].tokens_per_s),
+                        "better_of_vanilla_and_best_static": vs["best"],
+                        "ours_vs_better_of_vanilla_and_best_static": vs["hindsight"],
+                        "ours_vs_better_paired": vs["paired"], "ours_vs_better_held_out": vs.get("held_out"),
+                        "tree_vs_better": rows[("adaptive-tree", b)].tokens_per_s / rows[(vs["best"], b)].tokens_per_s,
+                        "tree_vs_ours": tree["hindsight"], "tree_vs_ours_paired": tree["paired"],
                         "ours_mean_draft_len": rows[("adaptive", b)].mean_draft_len}
         summary["batch_sweep"] = sweep
         res.config["summary"] = sweep

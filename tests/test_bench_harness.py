@@ -1,6 +1,8 @@
 """Benchmark harness: the greedy-equality guard, token counting and batching."""
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -117,3 +119,48 @@ def test_lookup_methods_in_the_harness_match_vanilla(tmp_path, monkeypatch):
     res = harness.run_benchmark("t", target, draft, prompts, ["vanilla", "lookup:static-4", "static-2+lookup",
                                 "hf-prompt-lookup-k4"], repeats=1, warmup=0, max_new_tokens=8, progress=False)
     assert all(r.matches_vanilla for r in res.rows if r.method != "vanilla")
+
+
+def test_methods_take_turns_on_every_batch(models, monkeypatch):
+    """Drift of the machine's speed must fall on every method alike: each batch is run by every
+    method before the next batch, and the order rotates so no method always follows the same one."""
+    calls = []
+
+    def recording(name: str) -> Method:
+        def run(target, draft, ids, mask, gen_kw):
+            calls.append((name, ids.shape[1]))
+            return resolve_method("vanilla").fn(target, draft, ids, mask, gen_kw)
+        return Method(name, run)
+
+    monkeypatch.setattr(harness, "resolve_method", recording)
+    target, draft = models
+    res = harness.run_benchmark("t", target, draft, PROMPTS[:2], ["a", "b", "c"], max_new_tokens=2, repeats=2,
+                                warmup=0, progress=False)
+    widths = [w for _, w in calls]
+    assert widths == [4] * 3 + [3] * 3 + [4] * 3 + [3] * 3  # per batch, all methods, then the next batch
+    firsts = [calls[i][0] for i in range(0, len(calls), 3)]
+    assert firsts == ["a", "b", "c", "a"]  # the order rotates per batch and repeat
+    assert all(len(r.times) == 2 for r in res.rows)
+
+
+def _row(method: str, times: list[float]) -> harness.Row:
+    return harness.Row(method, 1, 100 / sorted(times)[len(times) // 2], times, 100)
+
+
+def test_speed_ratios_pair_repeats_and_hold_out_the_choice():
+    # repeat 2 ran on a machine twice as slow for everyone: paired ratios cancel it
+    rows = [_row("ours", [1.0, 2.0, 1.0]), _row("k1", [1.1, 2.2, 1.1]), _row("k2", [0.9, 2.4, 1.2])]
+    out = harness.speed_ratios(rows, "ours", ["k1", "k2"])
+    assert out["best"] == "k1"  # median 1.1 against k2's 1.2
+    assert out["hindsight"] == pytest.approx(1.1)
+    assert out["paired"] == pytest.approx(1.1) and out["paired_min"] == pytest.approx(1.1)
+    # held out (in tokens/s): repeat 1 is judged against the best of repeats 2-3 (k1: 68 vs 62),
+    # repeat 2 against the best of 1 and 3 (k2: 97 vs 91), repeat 3 against the best of 1-2 (k2: 76
+    # vs 68); k2 is slower than ours by 1.2x in repeats 2 and 3
+    assert out["held_out"] == pytest.approx(statistics.median([1.1, 1.2, 1.2]))
+    assert out["repeats"] == 3
+
+
+def test_speed_ratios_of_one_repeat_have_no_held_out_figure():
+    out = harness.speed_ratios([_row("ours", [1.0]), _row("k", [2.0])], "ours", ["k"])
+    assert out["hindsight"] == pytest.approx(2.0) and "held_out" not in out

@@ -163,29 +163,34 @@ def run_benchmark(
             batches = batches[:n_batches]
         if not batches:
             raise ValueError(f"not enough prompts ({len(prompts)}) for batch size {bs}")
-        # repeats go round the methods (method 1, 2, ..., then again), so a drift of the machine's
-        # speed during the run (another process, clocks) lands on every method alike
+        # methods take turns on each batch (rotated, so none always runs after the same one) and
+        # repeats go round again: this CPU's speed drifts by +-20% over a few seconds, and a method
+        # timed over all batches at once met a different machine than the next one (the same run
+        # of static-7 measured 4.9 s and 5.6 s minutes apart)
         todo = [m for m in resolved if not (m.batch1_only and bs > 1)]
         bar.update(len(resolved) - len(todo))
         times: dict[str, list[float]] = {m.name: [] for m in todo}
         last: dict[str, tuple[list, list]] = {}
         for rep in range(warmup + repeats):
-            for method in todo:
-                bar.set_postfix_str(f"{method.name} b={bs} rep {rep + 1}/{warmup + repeats}")
-                torch.manual_seed(seed + rep)
-                rep_outs, rep_stats = [], []
-                _sync(target)
-                t0 = time.perf_counter()
-                for ids, mask in batches:
-                    ids, mask = ids.to(target.device), mask.to(target.device)
+            took = {m.name: 0.0 for m in todo}
+            runs: dict[str, tuple[list, list]] = {m.name: ([], []) for m in todo}
+            for bi, (ids, mask) in enumerate(batches):
+                ids, mask = ids.to(target.device), mask.to(target.device)
+                shift = (rep * len(batches) + bi) % len(todo)
+                for method in todo[shift:] + todo[:shift]:
+                    bar.set_postfix_str(f"{method.name} b={bs} rep {rep + 1}/{warmup + repeats}")
+                    torch.manual_seed(seed + rep * len(batches) + bi)
+                    _sync(target)
+                    t0 = time.perf_counter()
                     o = method.fn(target, draft, ids, mask, gen_kw)
-                    rep_outs.append(o.sequences.cpu())
-                    rep_stats.append(o)
-                _sync(target)
-                dt = time.perf_counter() - t0
-                if rep >= warmup:
-                    times[method.name].append(dt)
-                    last[method.name] = (rep_outs, rep_stats)
+                    _sync(target)
+                    took[method.name] += time.perf_counter() - t0
+                    runs[method.name][0].append(o.sequences.cpu())
+                    runs[method.name][1].append(o)
+            if rep >= warmup:
+                for m in todo:
+                    times[m.name].append(took[m.name])
+                last = runs
         vanilla_out: list[torch.Tensor] | None = None
         base_tps = None
         for method in todo:
@@ -216,6 +221,34 @@ def run_benchmark(
             bar.update(1)
     bar.close()
     return result
+
+
+def speed_ratios(rows: Sequence[Row], ours: str, others: Sequence[str]) -> dict:
+    """``ours`` against the fastest of ``others``, three ways, so a reader can tell a real gap from
+    this CPU's noise (its speed drifts by +-20% over seconds):
+
+    * ``hindsight``: ratio of median tokens/s to the best of ``others`` by median (the headline);
+    * ``paired``: the median over repeats of the same ratio within each repeat (methods took turns
+      on every batch, so a repeat's drift falls on all of them alike), with its min and max;
+    * ``held_out``: per repeat, the best of ``others`` is chosen on the *other* repeats, then
+      compared within this one; the best of eight noisy timings is biased fast (the max of noisy
+      estimates overshoots the true max), and choosing on separate data removes that bias.
+    """
+    by = {r.method: r for r in rows}
+    rates = {m: [by[m].new_tokens / t for t in by[m].times] for m in [ours, *others]}
+    best = max(others, key=lambda m: by[m].tokens_per_s)
+    paired = [a / b for a, b in zip(rates[ours], rates[best])]
+    out = {"best": best, "hindsight": by[ours].tokens_per_s / by[best].tokens_per_s,
+           "paired": statistics.median(paired), "paired_min": min(paired), "paired_max": max(paired),
+           "repeats": len(paired)}
+    n = len(paired)
+    if n >= 2:
+        held = []
+        for r in range(n):
+            pick = max(others, key=lambda m: statistics.median(x for i, x in enumerate(rates[m]) if i != r))
+            held.append(rates[ours][r] / rates[pick][r])
+        out["held_out"] = statistics.median(held)
+    return out
 
 
 def write_results(result: BenchResult, out_dir: Path | str = RESULTS_DIR, plot: bool = True) -> dict[str, Path]:
