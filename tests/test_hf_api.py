@@ -167,6 +167,24 @@ def test_hf_candidate_generator_matches(models):
     assert gen.step > 0
 
 
+def test_hf_candidate_generator_declares_its_draft_bound(models, monkeypatch):
+    """transformers >= 5.25 asks a candidate generator how many tokens an iteration drafts (to keep
+    that many steps of a recurrent layer's state); the answer is the policy's depth limit, and a
+    policy without one is clamped to DEFAULT_MAX_DRAFT, so the answer always holds."""
+    from adaspec_hf.integrations.hf import candidate
+    from adaspec_hf.policies import ShapeFunction
+
+    _, draft = models
+    assert AdaptiveCandidateGenerator(draft, policy="static-3").num_drafting_tokens == 3
+    assert AdaptiveCandidateGenerator(draft, policy="heuristic").num_drafting_tokens == 32
+    monkeypatch.setattr(candidate, "DEFAULT_MAX_DRAFT", 5)
+    gen = AdaptiveCandidateGenerator(draft, policy=ShapeFunction(lambda step, row: 9))  # no fixed bound
+    assert gen.num_drafting_tokens == 5
+    ids = torch.tensor([[5, 9, 14]])
+    cand, _ = gen.get_candidates(ids)
+    assert cand.shape[1] - ids.shape[1] == 5
+
+
 # ---------------------------------------------------------------------------------- errors
 def test_errors(models):
     target, draft = models

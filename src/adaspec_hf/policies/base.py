@@ -19,7 +19,7 @@ class DraftPolicy:
     What owners of a step (``generate``, the serving engine, benchmarks) may read, declared here so
     that none of them needs ``getattr`` or type switches: :attr:`name`, :attr:`max_children`,
     :attr:`needs_profile`, :attr:`trims`, :attr:`reads_drafts`, :attr:`predicted_time`,
-    :attr:`latency`, :meth:`forget`, :meth:`reset`.
+    :attr:`latency`, :attr:`depth_limit`, :meth:`forget`, :meth:`reset`.
     """
 
     name = "base"
@@ -29,6 +29,7 @@ class DraftPolicy:
     latency = None  # the LatencyModel it plans with, if any (the engine's admission control reuses it)
     trims = False  # select() keeps the goodput-best part of a tree (so free prompt-lookup levels are worth offering)
     reads_drafts = True  # choose()/select() may depend on the drafted tokens' probabilities (False: fixed shapes only)
+    depth_limit: int | None = None  # the most levels max_depth() ever asks for (None: no fixed bound)
 
     def max_depth(self, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError

@@ -102,7 +102,7 @@ class AdaptivePlanner(DraftPolicy):
             self.mode.acceptance = acceptance
         self.acceptance = self.mode.acceptance
         self.tree = tree
-        self.cap = self.config.max_depth
+        self.cap = self.depth_limit = self.config.max_depth
         self.max_children = self.config.max_children if tree else 1
         self.name = "adaptive-tree" if tree else "adaptive"
         self.probe_every = self.config.probe_every

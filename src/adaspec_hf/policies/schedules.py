@@ -13,6 +13,7 @@ class Heuristic(DraftPolicy):
 
     def __init__(self, start: int = 5, max_k: int = 32):
         self.start, self.max_k = start, max_k
+        self.depth_limit = max(start, max_k)
         self.k: dict[int, int] = {}
 
     def reset(self) -> None:
@@ -44,6 +45,7 @@ class Confidence(DraftPolicy):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"confidence threshold must be in [0, 1], got {threshold}")
         self.threshold, self.max_k = threshold, max_k
+        self.depth_limit = max_k
         self.name = f"confidence-{threshold:g}"
 
     def max_depth(self, ctx: StepContext) -> torch.Tensor:

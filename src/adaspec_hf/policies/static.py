@@ -17,7 +17,7 @@ class StaticChain(DraftPolicy):
     def __init__(self, k: int):
         if k < 0:
             raise ValueError(f"draft length must be >= 0, got {k}")
-        self.k = int(k)
+        self.k = self.depth_limit = int(k)
         self.name = f"static-{k}"
 
     def max_depth(self, ctx: StepContext) -> torch.Tensor:
@@ -71,6 +71,7 @@ class StaticTree(DraftPolicy):
         if depth < 1 or width < 1:
             raise ValueError(f"tree depth and width must be >= 1, got {depth}x{width}")
         self.depth, self.width = int(depth), int(width)
+        self.depth_limit = self.depth
         self.max_children = self.width
         self.name = f"tree-{depth}x{width}"
 

@@ -18,6 +18,8 @@ from adaspec_hf.policies.registry import make_policy
 
 UNBOUNDED_REMAINING = 10**9
 """HF's loop owns the length limit; the policy is told there is no budget left to respect."""
+DEFAULT_MAX_DRAFT = 32
+"""Draft tokens per iteration for a policy without a fixed bound (HF's own default schedules stay below it)."""
 
 
 class AdaptiveCandidateGenerator(CandidateGenerator):
@@ -37,6 +39,8 @@ class AdaptiveCandidateGenerator(CandidateGenerator):
         check_cache_support(draft)
         self.draft = draft
         self.policy = make_policy(policy, None, draft, sampling=do_sample)
+        limit = self.policy.depth_limit
+        self.max_draft = int(limit) if limit is not None else DEFAULT_MAX_DRAFT
         self.process = Processing(logits_processor)
         self.do_sample = do_sample
         self.reset()
@@ -83,7 +87,7 @@ class AdaptiveCandidateGenerator(CandidateGenerator):
         self.step += 1
         ctx = StepContext(rows=1, context_len=length, remaining=torch.tensor([UNBOUNDED_REMAINING], device=ids.device),
                           sampling=self.do_sample, step=self.step)
-        depth = self.policy.max_depth(ctx).clamp(min=0)
+        depth = self.policy.max_depth(ctx).clamp(min=0, max=max(self.max_draft, 1))
         if int(depth[0]) == 0:
             depth = torch.ones_like(depth)  # HF's loop needs at least one candidate
         count = length - self.seen
@@ -96,6 +100,13 @@ class AdaptiveCandidateGenerator(CandidateGenerator):
         self.last_tree, self._tree_base = tree, ids.shape[1]
         cand = torch.cat([ids, tree.tokens[:, : int(tree.n_nodes[0])]], dim=1).to(dev)
         return cand, None
+
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The most tokens one iteration drafts (transformers >= 5.25 reads it to keep that many
+        steps of a recurrent layer's state for rollback): the policy's depth limit, to which drafts
+        are clamped."""
+        return max(self.max_draft, 1)
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         tree = self.last_tree
