@@ -40,7 +40,8 @@ def plan_chain_level(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[torch.
     a = np.maximum(w * row_pred + (f32(1) - w) * alpha, row_pred)  # each chain node is its parent's top child
     v = np.where(alive & allowed, st.chain_last * a, f32(0)).astype(f32)
     st.level_v = v
-    v = (v * st.row_weight).astype(f32)  # what each row's tokens are worth to the batch (see max_depth)
+    # what each row's tokens are worth to the call (see AdaptivePlanner._row_weights)
+    v = (v * st.row_weight).astype(f32)
     if ctx.level == 1:
         ids = ctx.step.row_ids.tolist() if ctx.step.row_ids is not None else list(range(b))
         rw = self.config.row_ema

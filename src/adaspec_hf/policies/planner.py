@@ -60,7 +60,7 @@ class PlanStep:
     row_scale: np.ndarray | None = None  # (rows,) per-row calibration factor of top-child acceptance
     lookup_scale: np.ndarray | None = None  # (rows,) per-row factor of prompt-lookup acceptance
     draft_gain: np.ndarray | None = None  # (rows, cap) look-ahead's expected accepted tokens of a k-level chain
-    row_weight: np.ndarray | None = None  # (rows,) what a row's tokens are worth to the call (see max_depth)
+    row_weight: np.ndarray | None = None  # (rows,) what a row's tokens are worth to the call (see _row_weights)
     # chains only (the numpy fast path): per row, nodes drafted so far, the calibrated path value of
     # the last one and their sum, and the values per level (to select without rebuilding them)
     chain_n: np.ndarray | None = None

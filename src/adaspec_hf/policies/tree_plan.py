@@ -107,7 +107,7 @@ def plan_tree_level(self: "AdaptivePlanner", ctx: LevelContext, v: np.ndarray, n
         rw = self.config.row_ema
         for r, best_v in zip(ids, v[:, 0].tolist()):
             self.first_value[r] = (1 - rw) * self.first_value.get(r, best_v) + rw * best_v
-    weight = st.row_weight[:, None]  # what each row's tokens are worth to the call (see max_depth)
+    weight = st.row_weight[:, None]  # what each row's tokens are worth to the call (see AdaptivePlanner._row_weights)
     v = (v * weight).astype(F32)
     valid = ctx.tree.valid.cpu().numpy() if ctx.tree.width else np.zeros((b, 0), dtype=bool)
     have_n = valid.sum(1).astype(np.int64)

@@ -40,7 +40,8 @@ class AdaptiveCandidateGenerator(CandidateGenerator):
         self.draft = draft
         self.policy = make_policy(policy, None, draft, sampling=do_sample)
         limit = self.policy.depth_limit
-        self.max_draft = int(limit) if limit is not None else DEFAULT_MAX_DRAFT
+        # at least 1: HF's loop needs a candidate every iteration (a zero depth drafts one, below)
+        self.max_draft = max(int(limit) if limit is not None else DEFAULT_MAX_DRAFT, 1)
         self.process = Processing(logits_processor)
         self.do_sample = do_sample
         self.reset()
@@ -87,7 +88,7 @@ class AdaptiveCandidateGenerator(CandidateGenerator):
         self.step += 1
         ctx = StepContext(rows=1, context_len=length, remaining=torch.tensor([UNBOUNDED_REMAINING], device=ids.device),
                           sampling=self.do_sample, step=self.step)
-        depth = self.policy.max_depth(ctx).clamp(min=0, max=max(self.max_draft, 1))
+        depth = self.policy.max_depth(ctx).clamp(min=0, max=self.max_draft)
         if int(depth[0]) == 0:
             depth = torch.ones_like(depth)  # HF's loop needs at least one candidate
         count = length - self.seen
@@ -106,7 +107,7 @@ class AdaptiveCandidateGenerator(CandidateGenerator):
         """The most tokens one iteration drafts (transformers >= 5.25 reads it to keep that many
         steps of a recurrent layer's state for rollback): the policy's depth limit, to which drafts
         are clamped."""
-        return max(self.max_draft, 1)
+        return self.max_draft
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         tree = self.last_tree
