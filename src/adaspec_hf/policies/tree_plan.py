@@ -132,19 +132,26 @@ def plan_tree_level(self: "AdaptivePlanner", ctx: LevelContext, v: np.ndarray, n
         return n_add, (n_add > 0).astype(np.int64)
     if not n_add.any():
         return n_add, n_exp
-    # one more level? predicted children of each row's best added nodes, at its running rate
+    # one more level? predicted children of each row's best added nodes, at its running rate. The
+    # draft forward is as wide as the most nodes any row expands, so each width is priced as such:
+    # priced at the widest, a tree expanding one node a level paid a 4-token forward for it and
+    # stopped short of the chain's depth (perfect draft, batch 1, replayed: 0.87x the chain planner)
     e = min(self.max_children, c) if self.tree else 1
     top_v = -np.sort(-np.where(taken, v, F32(0)), axis=1)[:, :e]
-    child = (top_v * alpha[:, None]).reshape(-1)
-    extra = F32(self._draft_cost(st.rows, float(e), st.context))
+    child = top_v * alpha[:, None]
     base = have_n + n_add
-    more, g_next, _ = best_prefix_np(child.reshape(b, e), base, tokens_now, verify, spent + extra)
-    if g_next > g_now and more.any():
+    more, g_next = None, F32(g_now)
+    for width in range(1, e + 1):
+        extra = F32(self._draft_cost(st.rows, float(width), st.context))
+        m, g, _ = best_prefix_np(child[:, :width], base, tokens_now, verify, spent + extra)
+        if g > g_next and m.any():
+            more, g_next = m, g
+    if more is not None:
         return n_add, np.minimum(more, n_add)
-    # deeper than one level? (each row's best node, as the chain rule does)
-    if lookahead_pays(top_v[:, 0] * alpha, alpha, base, tokens_now, spent, extra, verify, self.cap - ctx.level,
+    # deeper than one level? (each row's best node, as the chain rule does: one-token forwards)
+    if lookahead_pays(child[:, 0], alpha, base, tokens_now, spent, extra1, verify, self.cap - ctx.level,
                       F32(g_now)):
-        n_exp = np.minimum((top_v[:, 0] * alpha > 0).astype(np.int64), n_add)
+        n_exp = np.minimum((child[:, 0] > 0).astype(np.int64), n_add)
     return n_add, n_exp
 
 

@@ -3,7 +3,7 @@
 The simulator grows draft trees level by level exactly as the drafter offers them to a policy
 (candidates sorted by path probability, ``choose`` -> nodes added / expanded, then ``select``),
 with candidates and outcomes read from the trace, and charges each step with the cost curve:
-``overhead + draft forwards x draft cost + verify(rows, 1 + widest row)``. The policy sees the same
+``overhead + draft forwards (each as wide as the most nodes a row expands) + verify(rows, 1 + widest row)``. The policy sees the same
 contexts and outcomes as in a real run, so its learning (calibration, running rates, probes) runs
 too; only time is simulated. Decision time (the policy's own Python) is measured and reported.
 """
@@ -37,10 +37,10 @@ def sim_step(call: TimedPolicy, rows, n_gen: list[int], ctx: StepContext, cost: 
     b = len(rows)
     remaining, length, ids = ctx.remaining, ctx.context_len, ctx.row_ids
     md = torch.minimum(call.max_depth(ctx).cpu().clamp(min=0), (remaining - 1).clamp(min=0))
-    nodes, forwards = ([[] for _ in range(b)], 0)
+    nodes, widths = ([[] for _ in range(b)], [])
     drafted_any = bool((md > 0).any())
     if drafted_any:
-        nodes, forwards = _grow(call, rows, n_gen, ctx, md, width)
+        nodes, widths = _grow(call, rows, n_gen, ctx, md, width)
     tree = _tree(nodes, b)
     on_path = torch.zeros_like(tree.valid)
     for i, row in enumerate(nodes):
@@ -59,7 +59,9 @@ def sim_step(call: TimedPolicy, rows, n_gen: list[int], ctx: StepContext, cost: 
     tested = tree.valid & par_ok
     context = float(length.float().mean())
     q = 1 + (int(tree.valid.sum(1).max()) if tree.width else 0)
-    draft_time = (1 + forwards) * cost.draft(b, 1.0, context) if drafted_any else 0.0
+    # the catch-up forward, then one per expanded level, as wide as the most nodes a row expanded
+    draft_time = (cost.draft(b, 1.0, context) + sum(cost.draft(b, float(w), context) for w in widths)
+                  if drafted_any else 0.0)
     verify_time = cost.verify(b, q, context)
     step_time = cost.overhead + draft_time + verify_time
     call.observe(StepOutcome(tree=tree, n_accepted=n_acc, tested=tested, accept_prob=accepted.float(),
@@ -120,13 +122,14 @@ def _tree(nodes: list[list[tuple]], b: int) -> DraftTree:
 
 
 def _grow(call: TimedPolicy, trace_rows, n_gen: list[int], ctx: StepContext, max_depth: torch.Tensor, width: int
-          ) -> tuple[list[list[tuple]], int]:
-    """Nodes per row as the drafter would add them; returns (nodes, draft forwards after catch-up)."""
+          ) -> tuple[list[list[tuple]], list[int]]:
+    """Nodes per row as the drafter would add them; returns (nodes, the width of each draft forward
+    after the catch-up: the most nodes any row expanded at that level)."""
     b = len(trace_rows)
     nodes: list[list[tuple]] = [[] for _ in range(b)]
     # frontier per row: (node index or -1, output position predicted by its children, path prob, on path)
     frontier = [[(-1, n_gen[i], 1.0, True)] if int(max_depth[i]) > 0 else [] for i in range(b)]
-    forwards = 0
+    widths: list[int] = []
     limit = int(max_depth.max()) if b else 0
     for level in range(1, limit + 1):
         cands = []  # per row: sorted list of (path, prob, token, parent, on_path)
@@ -163,9 +166,9 @@ def _grow(call: TimedPolicy, trace_rows, n_gen: list[int], ctx: StepContext, max
                     new_frontier[i].append((len(nodes[i]) - 1, pos + 1, pp, on))
         if int(n_exp.max()) == 0 or level == limit:
             break
-        forwards += 1
+        widths.append(int(n_exp.max()))
         frontier = new_frontier
-    return nodes, forwards
+    return nodes, widths
 
 
 def simulate(policy: DraftPolicy, trace: Trace, cost: CostCurve, *, batch: int = 1,
