@@ -158,3 +158,21 @@ def test_repair_remeasures_disturbed_points():
     n = sweep._repair_outliers({"target": pts}, {"target": fake}, None)
     assert n == 1 and fake.calls == [(2, 2, 64)]
     assert pts[4][3] == pytest.approx(5e-3)
+
+
+def test_token_counts_of_one_cache_take_turns(pair):
+    """The points of one (rows, context) are timed in rounds, each round every token count once (in
+    alternating order), so that drift moves the whole curve rather than one point of it."""
+    from adaspec_hf.profiling.timers import ModelTimer
+
+    model = pair[1]
+    seen: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        timer = ModelTimer(model, repeats=2, min_time_s=0.0)
+        out = timer.time_many(1, [1, 2, 4], 8)
+    finally:
+        hook.remove()
+    assert seen == [8, 4, 2, 1, 1, 2, 4, 4, 2, 1]  # prefill, warm-up round, then two timed rounds
+    assert len(out) == 3 and all(t > 0 for t in out)
+    assert timer.time(1, 2, 8) > 0  # a single point is a group of one
