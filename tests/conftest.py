@@ -1,8 +1,12 @@
 """Tiny random models built from configs (no downloads), shared by the tests."""
 from __future__ import annotations
 
+import atexit
 import functools
+import os
 import random
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +14,11 @@ from transformers import (
     GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
     Qwen2Config, Qwen2ForCausalLM,
 )
+
+# the tests' latency profiles and pairs go to a throw-away folder, not the user's cache (a run of the
+# suite left ~40 profiles of temporary models there); tests of the cache location set it themselves
+os.environ["ADASPEC_HF_CACHE"] = _TEST_CACHE = tempfile.mkdtemp(prefix="adaspec_hf_tests_")
+atexit.register(shutil.rmtree, _TEST_CACHE, True)
 
 VOCAB = 101
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
