@@ -15,6 +15,7 @@ import torch
 
 from adaspec_hf.core.context import LevelContext
 from adaspec_hf.core.tree import DraftTree
+from adaspec_hf.policies.selection import best_prefix_np
 
 if TYPE_CHECKING:
     from adaspec_hf.policies.planner import AdaptivePlanner
@@ -52,46 +53,27 @@ def plan_chain_level(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[torch.
     spent = f32(self._spent())
     have_n = st.chain_n
     base_tokens = f32(st.row_weight.sum()) + f32(st.chain_sum.sum())
-    # options: prefixes of the candidates sorted by value across rows (one candidate per row)
-    order = np.argsort(-v, kind="stable")[: int((v > 0).sum())]
-    taken = np.zeros(b, dtype=np.int64)
-    best_j, best_g = 0, base_tokens / (spent + verify[min(int(have_n.max()), top)])
-    t_best = spent + verify[min(int(have_n.max()), top)]
-    tokens = base_tokens
-    for j, r in enumerate(order, 1):
-        taken[r] = 1
-        tokens = tokens + v[r]
-        t = spent + verify[min(int((have_n + taken).max()), top)]
-        if tokens / t > best_g:
-            best_j, best_g, t_best = j, tokens / t, t
-    n_add = np.zeros(b, dtype=np.int64)
-    n_add[order[:best_j]] = 1
+    # the options, as the tree rule prices them (selection.best_prefix_np): keep the verify as wide
+    # as it is, every shorter row taking its candidate for free, or one token wider, every row
+    n_add, best_g, t_best = best_prefix_np(v[:, None], have_n, base_tokens, verify, spent)
     self.predicted_time = float(t_best)
     n_exp = np.zeros(b, dtype=np.int64)
     extra = f32(st.draft1)
-    tokens_now = base_tokens + f32(v[order[:best_j]].sum())
+    tokens_now = base_tokens + f32(np.where(n_add > 0, v, f32(0)).sum())
     rest = np.where((v > 0) & (n_add == 0), v, f32(0)).astype(f32)  # candidates this level's rule leaves out
     if ctx.level < self.cap and lookahead_pays(rest, alpha, have_n + n_add, tokens_now,
-                                               spent - extra, extra, verify, self.cap - ctx.level + 1, best_g):
+                                               spent - extra, extra, verify, self.cap - ctx.level + 1, f32(best_g)):
         n_add = np.maximum(n_add, (rest > 0).astype(np.int64))  # this level is drafted already: its first is free
         n_exp = n_add.copy()
-    elif best_j and ctx.level < self.cap:
+    elif n_add.any() and ctx.level < self.cap:
         child = np.where(n_add > 0, v, f32(0)) * alpha
-        corder = np.argsort(-child, kind="stable")[: int((child > 0).sum())]
         counts = have_n + n_add
-        more = np.zeros(b, dtype=np.int64)
-        g_best, e_best, acc = best_g, 0, tokens_now
-        for j, r in enumerate(corder, 1):
-            more[r] += 1
-            acc = acc + child[r]
-            g = acc / (spent + extra + verify[min(int((counts + more).max()), top)])
-            if g > g_best:
-                g_best, e_best = g, j
-        n_exp[corder[:e_best]] = 1
-        if e_best == 0 and lookahead_pays(child, alpha, counts, f32(tokens_now), spent, extra, verify,
-                                          self.cap - ctx.level, g_best):
-            n_exp = (child > 0).astype(np.int64)
-        n_exp = np.minimum(n_exp, n_add)
+        more, g, _ = best_prefix_np(child[:, None], counts, tokens_now, verify, spent + extra)
+        if g > f32(best_g) and more.any():
+            n_exp = np.minimum(more, n_add)
+        elif lookahead_pays(child, alpha, counts, f32(tokens_now), spent, extra, verify, self.cap - ctx.level,
+                            f32(best_g)):
+            n_exp = np.minimum((child > 0).astype(np.int64), n_add)
     st.level_expands = bool(n_exp.any())
     dev = ctx.cand_prob.device
     return torch.from_numpy(n_add).to(dev), torch.from_numpy(n_exp).to(dev)

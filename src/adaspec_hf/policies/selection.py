@@ -2,9 +2,9 @@
 
 Path values (calibrated path probabilities) never increase from a node to its children, so the N
 best nodes of a row (ties broken parent-first) always form a connected subtree, and that subtree
-maximises the expected accepted tokens for N nodes. Across the batch, every prefix of the globally
-sorted node list is a candidate budget; the verify cost of a prefix is set by its widest row (the
-batch is padded), so all prefixes are scored in one vectorised pass against a cost curve.
+maximises the expected accepted tokens for N nodes. Across the batch, the verify cost is set by
+the widest row (the batch is padded), so for each width every row keeps all the nodes that fit,
+and the widths are scored in one vectorised pass against a cost curve.
 
 The arithmetic is float32 numpy: these are (B, N) arrays of a few dozen nodes, scored once per draft
 level, where torch's per-op overhead cost a CPU step several milliseconds. The torch-facing
@@ -29,20 +29,30 @@ def best_prefix_np(values: np.ndarray, base_counts: np.ndarray, base_tokens: flo
     ``values`` (B, C): each row's options in the order they must be taken (non-increasing, 0 = none);
     ``base_counts`` (B,) nodes each row already has; ``verify_cost[q]`` is the target forward time
     with ``q + 1`` query tokens per row. Returns (n, goodput, step time); ties go to the smaller budget.
+
+    Exact for a padded verify, whose cost is set by the widest row alone: for each width, every row
+    takes all its options that fit (they cost nothing more), and the best width wins. A prefix of
+    the options sorted across the batch, as before, could not take one row's node without first
+    taking every better one of other rows, some of which widen the verify: at 16 rows, a near-done
+    row's top child (worth little, see the planner's row weights) fell behind the runners-up that
+    widened the verify, and was dropped where it was free (replayed, trees at 16 rows: 0.92x chains).
     """
     b, c = values.shape
     verify_cost = np.asarray(verify_cost, dtype=F32)
-    flat = np.asarray(values, dtype=F32).reshape(-1)
-    order = np.argsort(-flat, kind="stable")[: int((flat > MIN_OPTION_VALUE).sum())]
-    counts = np.zeros((order.shape[0] + 1, b), dtype=np.int64)
-    if order.shape[0]:
-        counts[np.arange(1, order.shape[0] + 1), order // max(c, 1)] = 1
-        np.cumsum(counts, 0, out=counts)
-    width = np.minimum((counts + np.asarray(base_counts, dtype=np.int64)[None, :]).max(1), len(verify_cost) - 1)
+    top = len(verify_cost) - 1
+    v = np.asarray(values, dtype=F32)
+    base = np.asarray(base_counts, dtype=np.int64)
+    avail = (v > MIN_OPTION_VALUE).sum(1) if c else np.zeros(b, dtype=np.int64)  # leading: non-increasing
     # float64 sums: on a flat cost a deep node's ~1e-6 tokens vanish into a float32 sum of ~100, and
     # the rounding, not the node, would decide whether it is kept
-    tokens = float(base_tokens) + np.concatenate([np.zeros(1), np.cumsum(flat[order], dtype=np.float64)])
-    times = F32(fixed_cost) + verify_cost[width]
+    cum = np.zeros((b, c + 1))
+    if c:
+        np.cumsum(np.where(np.arange(c)[None, :] < avail[:, None], v, F32(0)), axis=1, dtype=np.float64, out=cum[:, 1:])
+    w0 = int(base.max()) if b else 0
+    widths = np.arange(w0, max(w0, int((base + avail).max()) if b else 0) + 1)
+    counts = np.clip(widths[:, None] - base[None, :], 0, avail[None, :])  # (options, B)
+    tokens = float(base_tokens) + np.take_along_axis(cum, counts.T, axis=1).sum(0)
+    times = F32(fixed_cost) + verify_cost[np.minimum(widths, top)]
     best = int(np.argmax(tokens / times))
     return counts[best], float(tokens[best] / times[best]), float(times[best])
 
