@@ -136,3 +136,43 @@ def test_static_tree_policy_by_name_and_errors():
     assert make_policy("tree-4x3").name == "tree-4x3"
     with pytest.raises(ValueError):
         make_policy("tree-0x3")
+
+
+def test_goodput_budget_is_optimal_over_every_per_row_split():
+    """The padded verify costs what its widest row does, so the best selection is found exactly:
+    no choice of per-row top-n counts beats it (a prefix of the nodes sorted across the batch
+    could not keep one row's free node without every better node of the others)."""
+    import itertools
+
+    rng = random.Random(3)
+    cost = torch.tensor([0.010 + 0.002 * q + (0.004 if q == 2 else 0.0) for q in range(40)])  # non-monotone
+    for _ in range(30):
+        rows = [random_tree(rng, rng.randint(0, 6)) for _ in range(3)]
+        tree = DraftTree.from_lists([t for t, _ in rows], [p for _, p in rows])
+        tree.draft_prob = torch.rand(tree.tokens.shape) * tree.valid
+        values = tree.path_prob() * torch.tensor([1.0, 0.2, 0.6])[:, None]  # rows worth unequal amounts
+        _, g, _ = goodput_budget(tree, values, cost, 0.003)
+        sizes = tree.valid.sum(1).tolist()
+        for ns in itertools.product(*[range(s + 1) for s in sizes]):
+            keep = top_n_subtree(tree, values, torch.tensor(ns))
+            alt = (3 + float(values[keep].sum())) / (0.003 + float(cost[max(ns)]))
+            assert alt <= g * (1 + 1e-6)
+
+
+def test_one_row_selection_is_the_general_rule():
+    """best_prefix_np's plain-Python path for one row returns what the batched rule returns for
+    that row beside an empty one (same counts, same goodput, bit for bit)."""
+    import numpy as np
+
+    from adaspec_hf.policies.selection import best_prefix_np
+
+    rng = np.random.default_rng(4)
+    for _ in range(300):
+        c = int(rng.integers(0, 6))
+        v = -np.sort(-rng.random(c).astype(np.float32) * (rng.random(c) > 0.2))[None, :]
+        base = int(rng.integers(0, 4))
+        verify = (0.01 + 0.002 * np.arange(12) + rng.random(12) * 0.004).astype(np.float32)
+        tokens = float(rng.random() * 3)
+        one = best_prefix_np(v, np.array([base]), tokens, verify, 0.003)
+        two = best_prefix_np(np.concatenate([v, np.zeros_like(v)]), np.array([base, 0]), tokens, verify, 0.003)
+        assert one[0][0] == two[0][0] and one[1] == two[1] and one[2] == two[2]
