@@ -114,7 +114,7 @@ def plan_tree_level(self: "AdaptivePlanner", ctx: LevelContext, v: np.ndarray, n
     have_val = F32(np.where(valid, node_path * weight, F32(0)).sum()) if node_path.shape[1] else F32(0)
     verify = st.verify.astype(F32)
     spent = F32(self._spent())  # draft time so far this step (catch-up + fed levels), the same for every option
-    # every prefix of the globally sorted candidate list is an option; pick the best
+    # for each verify width, every row's candidates that fit it are an option; pick the best width
     worth = F32(st.row_weight.sum())  # each row's bonus token
     n_add, g_now, t_now = best_prefix_np(v, have_n, worth + have_val, verify, spent)
     self.predicted_time = t_now
