@@ -49,7 +49,6 @@ def plan_chain_level(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[torch.
         for r, best_v in zip(ids, st.level_v.tolist()):
             self.first_value[r] = (1 - rw) * self.first_value.get(r, best_v) + rw * best_v
     verify = st.verify.astype(f32)
-    top = len(verify) - 1
     spent = f32(self._spent())
     have_n = st.chain_n
     base_tokens = f32(st.row_weight.sum()) + f32(st.chain_sum.sum())

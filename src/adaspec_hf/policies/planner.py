@@ -9,8 +9,9 @@ Goodput of a step = expected emitted tokens of all rows / predicted step time, w
 
 AdaSpec's stepwise rule: after each draft level, with the real draft probabilities in hand, add the
 candidates that maximise goodput (for each verify width, every row's best candidates that fit it;
-the best width wins), and draft one more level only while the predicted goodput of doing so rises. Zero drafted tokens is
-always an option, so under load speculation shrinks and switches off by itself: no thresholds.
+the best width wins), and draft one more level only while the predicted goodput of doing so rises.
+Zero drafted tokens is always an option, so under load speculation shrinks and switches off by
+itself: no thresholds.
 """
 from __future__ import annotations
 

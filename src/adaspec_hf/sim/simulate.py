@@ -3,9 +3,9 @@
 The simulator grows draft trees level by level exactly as the drafter offers them to a policy
 (candidates sorted by path probability, ``choose`` -> nodes added / expanded, then ``select``),
 with candidates and outcomes read from the trace, and charges each step with the cost curve:
-``overhead + draft forwards (each as wide as the most nodes a row expands) + verify(rows, 1 + widest row)``. The policy sees the same
-contexts and outcomes as in a real run, so its learning (calibration, running rates, probes) runs
-too; only time is simulated. Decision time (the policy's own Python) is measured and reported.
+``overhead + draft forwards + verify(rows, 1 + widest row)``, each draft forward as wide as the most
+nodes a row expands. The policy sees the same contexts and outcomes as in a real run, so its
+learning (calibration, running rates, probes) runs too; only time is simulated. Decision time (the policy's own Python) is measured and reported.
 """
 from __future__ import annotations
 
