@@ -111,21 +111,10 @@ def select_chain(self: "AdaptivePlanner", tree: DraftTree) -> torch.Tensor | Non
     vals = np.stack(st.chain_values, 1)  # (B, levels), node j of a row = level j + 1
     if vals.shape[1] != tree.width or not np.array_equal(tree.valid.sum(1).numpy(), st.chain_n):
         return None
-    f32 = np.float32
-    b = st.rows
-    verify = st.verify.astype(f32)
-    top = len(verify) - 1
-    spent = f32(self._spent())
-    flat_order = np.argsort(-vals.reshape(-1), kind="stable")[: int((vals > 0).sum())]
-    counts = np.zeros(b, dtype=np.int64)
-    tokens = f32(st.row_weight.sum())
-    best_n, best_g, best_t = counts.copy(), tokens / (spent + verify[0]), spent + verify[0]
-    for idx in flat_order:
-        r = idx // vals.shape[1]
-        counts[r] += 1
-        tokens = tokens + vals.reshape(-1)[idx]
-        t = spent + verify[min(int(counts.max()), top)]
-        if tokens / t > best_g:
-            best_n, best_g, best_t = counts.copy(), tokens / t, t
-    self.predicted_time = float(best_t)
-    return torch.from_numpy(np.arange(tree.width)[None, :] < best_n[:, None]) & tree.valid
+    # the values are the general path's (calibrated path probability x row weight): clamped to be
+    # non-increasing as it clamps them, and chosen by the same exact per-width rule
+    vals = np.minimum.accumulate(np.maximum(vals, np.float32(0)), axis=1).astype(np.float32)
+    n, _, t = best_prefix_np(vals, np.zeros(st.rows, dtype=np.int64), float(st.row_weight.sum()),
+                             st.verify.astype(np.float32), self._spent())
+    self.predicted_time = float(t)
+    return torch.from_numpy(np.arange(tree.width)[None, :] < n[:, None]) & tree.valid
