@@ -31,17 +31,18 @@ def one_call(target, draft, ids: list[int], policy: str, gen_kw: dict) -> dict[s
     adaptive_generate(target, input_ids=x, attention_mask=torch.ones_like(x), assistant_model=draft,
                       draft_policy=policy, **gen_kw)
     total = time.perf_counter() - t0
-    steps = target.adaspec_stats.steps
+    stats = target.adaspec_stats
+    steps = stats.steps
     return {
-        "total_ms": 1e3 * total, "new_tokens": target.adaspec_stats.new_tokens, "steps": len(steps),
+        "total_ms": 1e3 * total, "new_tokens": stats.new_tokens, "steps": stats.target_forwards,
         "draft_ms": 1e3 * sum(s.draft_time for s in steps),
         "verify_ms": 1e3 * sum(s.verify_time for s in steps),
         "decision_ms": 1e3 * sum(s.decision_time for s in steps),
         # prefill, and the loop's work between steps (committing, stopping criteria, output)
         "outside_steps_ms": 1e3 * (total - sum(s.step_time for s in steps)),
         "draft_levels": sum(s.draft_levels for s in steps),
-        "verified": sum(sum(s.drafted) for s in steps),
-        "accepted": sum(sum(s.accepted) for s in steps),
+        "verified": stats.drafted_tokens,
+        "accepted": stats.accepted_tokens,
     }
 
 

@@ -221,9 +221,9 @@ def test_target_only_latency_model_charges_no_draft_forward():
 def test_planner_verifies_a_repeating_row_deep_and_skips_a_row_without_matches():
     target, _ = pair("llama")
     planner = AdaptivePlanner(_lookup_latency(), max_depth=8)
-    # row 0: the target's own greedy text, which falls into a loop (a repeating context the target
-    # does continue; a hand-written repeat it does not follow was rejected or not by the seed of the
-    # unseeded row below); row 1: a seeded permutation, no repeats at all
+    # row 0: the target's own greedy text, which falls into a loop, so the target does continue the
+    # repeat (a hand-written repeat it did not follow made the outcome hang on the RNG state left by
+    # earlier tests); row 1: a seeded permutation, no repeats at all
     g = torch.Generator().manual_seed(0)
     start = torch.randint(3, 90, (1, 8), generator=g)
     looping = reference(target, start, torch.ones_like(start), 28, eos=None)

@@ -113,7 +113,7 @@ def select_chain(self: "AdaptivePlanner", tree: DraftTree) -> torch.Tensor | Non
         return None
     # the values are the general path's (calibrated path probability x row weight): clamped to be
     # non-increasing as it clamps them, and chosen by the same exact per-width rule
-    vals = np.minimum.accumulate(np.maximum(vals, np.float32(0)), axis=1).astype(np.float32)
+    vals = np.minimum.accumulate(np.maximum(vals, np.float32(0)), axis=1)  # float32 in, float32 out
     n, _, t = best_prefix_np(vals, np.zeros(st.rows, dtype=np.int64), float(st.row_weight.sum()),
                              st.verify.astype(np.float32), self._spent())
     self.predicted_time = float(t)
