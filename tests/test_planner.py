@@ -81,7 +81,7 @@ def test_level_decisions_follow_confidence():
         planner = AdaptivePlanner(steep_target_mild(), calibrated, **NO_MEASURED)
         depth = planner.max_depth(ctx)
         lctx = LevelContext(level=1, cand_path_prob=torch.tensor([[p0], [p1]]),
-                            cand_prob=torch.tensor([[p0], [p1]]), tree=DraftTree.empty(2), step=ctx,
+                            cand_prob=torch.tensor([[p0], [p1]]), partial=DraftTree.empty(2), step=ctx,
                             max_depth=depth, cand_parent=torch.tensor([[-1], [-1]]))
         return [t.tolist() for t in planner.choose(lctx)]
 

@@ -374,3 +374,34 @@ def test_the_simulator_charges_a_draft_forward_at_its_width():
     per_step = (res.time - res.steps * cost.overhead) / res.steps
     verify = [cost.verify(1, q, 20.0) for q in range(1, 8)]
     assert per_step >= catch_up + wide + min(verify) - 1e-9
+
+
+@pytest.mark.parametrize("curve,accept", [("smooth", 0.75), ("jump", 0.75), ("smooth", 0.95), ("jump", 0.4)])
+def test_one_row_chain_path_decides_as_the_vector_path(monkeypatch, curve, accept):
+    """At batch 1 the chain planner works on float32 scalars: the same decisions, step for step, as
+    its B-vector path, on a jump in the verify cost too (where the look-ahead decides)."""
+    from adaspec_hf.policies import chain
+
+    tr = synthetic_trace(1, 200, accept, seed=21)
+    lat = latency(ratio=20) if curve == "smooth" else jump_latency(3)
+    a = simulate(planner(lat), tr, ProfileCost(lat), batch=1)
+    monkeypatch.setattr(chain, "_plan_one_row", chain._plan_rows)
+    b = simulate(planner(lat), tr, ProfileCost(lat), batch=1)
+    assert a.chosen == b.chosen and a.accepted == b.accepted and a.steps == b.steps
+    assert a.mean_draft > 1.0
+
+
+def test_predict_one_equals_predict_np():
+    """The scalar prediction is the array one, bit for bit (a calibrated, depth-adjusted model)."""
+    from adaspec_hf.efficiency.acceptance import AcceptanceModel
+
+    rng = np.random.default_rng(3)
+    m = AcceptanceModel()
+    for _ in range(40):
+        p = rng.random(6)
+        m.update_np(p, rng.integers(1, 9, 6), (rng.random(6) < p ** 0.5).astype(float))
+    p = np.concatenate([rng.random(300), [0.0, 1.0, 0.5, 1e-9, 0.999999]]).astype(np.float32)
+    for d in (0, 1, 3, 8, 40):
+        want = m.predict_np(p, d)
+        got = np.asarray([m.predict_one(float(x), d) for x in p], dtype=np.float32)
+        assert got.dtype == want.dtype and np.array_equal(got, want)

@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 
+_F32_0, _F32_1 = np.float32(0.0), np.float32(1.0)
+
+
 class AcceptanceModel:
     """Calibrated per-node acceptance probability from draft probability and depth."""
 
@@ -46,6 +49,7 @@ class AcceptanceModel:
         self._grid = np.linspace(0.0, 1.0, self._res + 1)
         self._luts: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._cpu_lut: torch.Tensor | None = None
+        self._np_lut64: np.ndarray | None = None  # the table in numpy (None: stale)
         self._np_lut: np.ndarray | None = None  # float32 copy for predict_np
         self._n_total: float | None = None  # cached sum of the bin counts (planners read it every level)
 
@@ -109,20 +113,27 @@ class AcceptanceModel:
             f = np.ones(1)
         return iso, f
 
+    def _tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """The lookup table in numpy, float64 and float32 (rebuilt after an update; the torch copies
+        of :meth:`_lut` only when a torch prediction asks for them)."""
+        if self._np_lut64 is None:
+            iso, f = self.calibration()
+            centers, grid = self._centers, self._grid
+            # np.interp extends the end values: delta is constant beyond the outer bin centres
+            base = np.clip(grid + np.interp(grid, centers, iso - centers), 0.0, 1.0)
+            self._np_lut64 = np.concatenate([np.clip(base[None, :] * f[:, None], 0.0, 1.0), base[None, :]])
+            self._np_lut = self._np_lut64.astype(np.float32)
+            self._cpu_lut = None
+            self._luts.clear()
+        return self._np_lut64, self._np_lut
+
     def _lut(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(depths + 1, res + 1) table of predictions on a grid of draft probs (exact at the knots).
 
         Row d is depth d (row 0 only, without depth adjustment); the last row is depth-free.
         """
         if self._cpu_lut is None:
-            iso, f = self.calibration()
-            centers, grid = self._centers, self._grid
-            # np.interp extends the end values: delta is constant beyond the outer bin centres
-            base = np.clip(grid + np.interp(grid, centers, iso - centers), 0.0, 1.0)
-            lut = np.concatenate([np.clip(base[None, :] * f[:, None], 0.0, 1.0), base[None, :]])
-            self._cpu_lut = torch.from_numpy(lut)
-            self._np_lut = lut.astype(np.float32)
-            self._luts.clear()
+            self._cpu_lut = torch.from_numpy(self._tables()[0])
         key = (device, dtype)
         if key not in self._luts:
             self._luts[key] = self._cpu_lut.to(device, dtype)
@@ -153,9 +164,7 @@ class AcceptanceModel:
     def predict_np(self, draft_prob: np.ndarray, depth: "int | np.ndarray") -> np.ndarray:
         """:meth:`predict` for small numpy arrays, in float32 like the torch path (the planners call
         it once per draft level and per verified step: torch's per-op overhead would dominate)."""
-        if self._cpu_lut is None:  # stale: rebuilding it rebuilds the numpy copy too
-            self._lut(torch.device("cpu"), torch.float32)
-        lut = self._np_lut
+        lut = self._tables()[1]
         R = self._res
         # np.minimum/maximum, not np.clip: on a handful of elements clip's dispatch costs ~10x more
         u = np.minimum(np.maximum(np.asarray(draft_prob, dtype=np.float32), np.float32(0)), np.float32(1)) * np.float32(R)
@@ -168,6 +177,21 @@ class AcceptanceModel:
         else:
             d = min(max(int(depth), 0), self.max_depth)
         lo, hi = lut[d, i0], lut[d, i0 + 1]
+        return lo + w * (hi - lo)
+
+    def predict_one(self, draft_prob: float, depth: int) -> np.float32:
+        """:meth:`predict_np` for one node, on float32 scalars: the same float32 operations in the
+        same order, so the same value. At batch 1 the chain planner asks for one prediction per draft
+        level, where even a handful of numpy calls on one-element arrays cost ~0.1 ms each level
+        (measured in the decoding loop, whose forwards leave the CPU's caches cold)."""
+        table = self._tables()[1]
+        R = self._res
+        u = min(max(np.float32(draft_prob), _F32_0), _F32_1) * np.float32(R)
+        i0 = min(int(math.floor(u)), R - 1)
+        w = u - np.float32(i0)
+        d = min(max(int(depth), 0), self.max_depth) if self.depth_adjust else 0
+        row = table[d]
+        lo, hi = row[i0], row[i0 + 1]
         return lo + w * (hi - lo)
 
     @torch.no_grad()
@@ -198,7 +222,7 @@ class AcceptanceModel:
             d = np.clip(np.broadcast_to(np.asarray(depth, dtype=np.int64), p.shape), 0, self.max_depth)
             # depth-free prediction under the calibration before this batch (honest residuals):
             # the last row of the lookup table
-            lut = self._lut(torch.device("cpu"), torch.float64)[-1].numpy()
+            lut = self._tables()[0][-1]
             u = p * self._res
             i0 = np.minimum(np.floor(u).astype(np.int64), self._res - 1)
             base = lut[i0] + (u - i0) * (lut[i0 + 1] - lut[i0])
@@ -212,7 +236,7 @@ class AcceptanceModel:
             stats *= 0.5 ** (n / self.half_life)
         stats += np.bincount(idx, weights=wts, minlength=stats.size)
         self.seen += n
-        self._cpu_lut = None
+        self._cpu_lut = self._np_lut64 = None
         self._n_total = None
 
     @torch.no_grad()
@@ -242,7 +266,7 @@ class AcceptanceModel:
             raise ValueError(f"stats of shape {tuple(stats.shape)} do not fit {tuple(self.stats.shape)}")
         self.stats = stats
         self.seen = float(state.get("seen", 0.0))
-        self._cpu_lut = None
+        self._cpu_lut = self._np_lut64 = None
         self._n_total = None
 
     @classmethod

@@ -118,6 +118,9 @@ class ModeState:
     def update_np(self, draft_prob: np.ndarray, depth: np.ndarray, outcome: np.ndarray,
                   lookup: np.ndarray | None = None, sibling: np.ndarray | None = None) -> None:
         """:meth:`update` on 1-D numpy arrays."""
+        if lookup is None and sibling is None:  # a draft-model chain: one kind
+            self.acceptance.update_np(draft_prob, depth, outcome)
+            return
         is_l = np.zeros(draft_prob.shape, dtype=bool) if lookup is None else lookup
         is_s = np.zeros(draft_prob.shape, dtype=bool) if sibling is None else (sibling & ~is_l)
         for model, keep in ((self.lookup, is_l), (self.sibling, is_s), (self.acceptance, ~(is_l | is_s))):

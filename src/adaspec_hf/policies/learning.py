@@ -35,14 +35,17 @@ def learn_acceptance(planner: "AdaptivePlanner", outcome: StepOutcome) -> None:
     # per-row acceptance of tried draft-model nodes (for chains: the geometric MLE) and, apart,
     # of prompt-lookup nodes: each has its own calibration and must not drag the other's rate
     ids = outcome.row_ids.tolist() if outcome.row_ids is not None else list(range(tree.batch))
-    is_l = tree.lookup.cpu().numpy() if tree.lookup is not None else np.zeros_like(tested)
-    model, look = tested & ~is_l, tested & is_l
+    if tree.lookup is not None:
+        is_l = tree.lookup.cpu().numpy()
+        model, look = tested & ~is_l, tested & is_l
+    else:  # draft-model nodes only (the usual case: two masks fewer a step)
+        is_l, model, look = None, tested, None
     # what the calibrations predicted for the tested nodes, before they learn from them
     runner = None  # a draft-model chain: every node is its parent's only (so top) child
     if tree.lookup is not None or planner.max_children > 1:
         keys = np.where(valid, tree.parents.cpu().numpy(), -2 - np.arange(tree.width)[None, :])
         runner = ~top_among_siblings_np(prob, keys)  # not its parent's top child
-    pred_all = planner.mode.predict_np(prob, np.maximum(depth, 1), None if tree.lookup is None else is_l, runner)
+    pred_all = planner.mode.predict_np(prob, np.maximum(depth, 1), is_l, runner)
     # a row's rate and calibration factor are those of top children: they price going one level
     # deeper (the planner's look-ahead, a chain's next node). Counting a tree's tested runners-up,
     # accepted far less often, made a tree row's rate look like a hopeless draft's, and the tree
@@ -54,7 +57,7 @@ def learn_acceptance(planner: "AdaptivePlanner", outcome: StepOutcome) -> None:
         planner.row_lookup.observe(ids, np.where(look, y, 0), np.where(look, pred_all, 0), look)
     if tested.any():
         planner.mode.update_np(prob[tested], depth[tested], y[tested],
-                               None if tree.lookup is None else is_l[tested],
+                               None if is_l is None else is_l[tested],
                                None if runner is None else runner[tested])
     n_tested = model.sum(1).tolist()
     n_acc = (accepted & model).sum(1).tolist()

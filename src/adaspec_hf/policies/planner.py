@@ -320,15 +320,16 @@ class AdaptivePlanner(DraftPolicy):
         if expands:
             st.draft_levels += 1
         if st.level_v is not None:  # the chain path's bookkeeping of what was added
-            add = n_add.cpu().numpy() > 0
+            add = n_add.numpy() > 0 if n_add.device.type == "cpu" else n_add.cpu().numpy() > 0
             v = np.where(add, st.level_v, np.float32(0.0)).astype(np.float32)
-            worth = (v * st.row_weight).astype(np.float32)
+            worth = v * st.row_weight
             st.chain_values.append(worth)
             st.chain_n = st.chain_n + add
             st.chain_sum = st.chain_sum + worth
-            st.chain_last = np.where(add, v, st.chain_last).astype(np.float32)
+            st.chain_last = np.where(add, v, st.chain_last)
             st.level_v = None
-        commit_tree_level(st, n_add.cpu().numpy())
+        if st.tree_levels is not None or st.level_nodes is not None:
+            commit_tree_level(st, n_add.cpu().numpy())
 
     def _plan_level(self, ctx: LevelContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(n_add, n_expand) per row maximising predicted goodput; no side effect on the plan."""

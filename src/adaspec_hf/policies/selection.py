@@ -43,7 +43,8 @@ def best_prefix_np(values: np.ndarray, base_counts: np.ndarray, base_tokens: flo
     v = np.asarray(values, dtype=F32)
     base = np.asarray(base_counts, dtype=np.int64)
     if b == 1:
-        return _best_width_one_row(v[0], int(base[0]), base_tokens, verify_cost, fixed_cost)
+        n, g, t = best_width_one_row(v[0].tolist(), int(base[0]), base_tokens, verify_cost, fixed_cost)
+        return np.asarray([n], dtype=np.int64), g, t
     avail = (v > MIN_OPTION_VALUE).sum(1) if c else np.zeros(b, dtype=np.int64)  # leading: non-increasing
     # float64 sums: on a flat cost a deep node's ~1e-6 tokens vanish into a float32 sum of ~100, and
     # the rounding, not the node, would decide whether it is kept
@@ -59,8 +60,8 @@ def best_prefix_np(values: np.ndarray, base_counts: np.ndarray, base_tokens: flo
     return counts[best], float(tokens[best] / times[best]), float(times[best])
 
 
-def _best_width_one_row(v: np.ndarray, base: int, base_tokens: float, verify_cost: np.ndarray,
-                        fixed_cost: float) -> tuple[np.ndarray, float, float]:
+def best_width_one_row(v: list[float], base: int, base_tokens: float, verify_cost: np.ndarray,
+                       fixed_cost: float) -> tuple[int, float, float]:
     """:func:`best_prefix_np` for one row in plain Python, the same float operations in the same
     order (float64 running sums, float32 times): at batch 1 the planner calls it twice a draft
     level, and a dozen numpy calls on one-element arrays cost ~1% of the step."""
@@ -70,14 +71,14 @@ def _best_width_one_row(v: np.ndarray, base: int, base_tokens: float, verify_cos
     t = float(fixed + verify_cost[min(base, top)])
     best_n, best_g, best_t = 0, base_tokens / t, t
     acc = 0.0
-    for n, x in enumerate(v.tolist(), 1):
+    for n, x in enumerate(v, 1):
         if not x > MIN_OPTION_VALUE:
             break
         acc += x
         t = float(fixed + verify_cost[min(base + n, top)])
         if (base_tokens + acc) / t > best_g:
             best_n, best_g, best_t = n, (base_tokens + acc) / t, t
-    return np.asarray([best_n], dtype=np.int64), best_g, best_t
+    return best_n, best_g, best_t
 
 
 def best_prefix(values: torch.Tensor, base_counts: torch.Tensor, base_tokens: float, verify_cost,
