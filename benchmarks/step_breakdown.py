@@ -23,6 +23,7 @@ from adaspec_hf.machine import load_average
 
 FIELDS = ("total_ms", "new_tokens", "steps", "draft_ms", "verify_ms", "decision_ms", "outside_steps_ms", "draft_levels",
           "verified", "accepted")
+CALLS = ("max_depth", "choose", "select", "observe")  # the policy calls of a step (decision_ms split by call)
 
 
 def one_call(target, draft, ids: list[int], policy: str, gen_kw: dict) -> dict[str, float]:
@@ -43,6 +44,7 @@ def one_call(target, draft, ids: list[int], policy: str, gen_kw: dict) -> dict[s
         "draft_levels": sum(s.draft_levels for s in steps),
         "verified": stats.drafted_tokens,
         "accepted": stats.accepted_tokens,
+        **{f"{c}_ms": 1e3 * sum((s.decision_split or {}).get(c, 0.0) for s in steps) for c in CALLS},
     }
 
 
@@ -66,7 +68,7 @@ def main() -> None:
         gen_kw["temperature"] = args.temperature
     for m in methods:  # warm-up: the pair's state (calibration, costs) as a session's later calls see it
         one_call(target, draft, prompts[0], m, gen_kw)
-    sums = {m: dict.fromkeys(FIELDS, 0.0) for m in methods}
+    sums = {m: dict.fromkeys(FIELDS + tuple(f"{c}_ms" for c in CALLS), 0.0) for m in methods}
     calls = 0
     for r in range(args.repeats):
         for i, ids in enumerate(prompts):
@@ -82,6 +84,9 @@ def main() -> None:
         mean["decision_ms_per_step"] = mean["decision_ms"] / max(mean["steps"], 1e-9)
         mean["decision_share"] = mean["decision_ms"] / max(mean["total_ms"], 1e-9)
         mean["tokens_per_s"] = 1e3 * mean["new_tokens"] / max(mean["total_ms"], 1e-9)
+        for c in CALLS:  # choose runs once per draft level, the others once per step
+            per = mean["draft_levels"] if c == "choose" else mean["steps"]
+            mean[f"{c}_ms_per_{'level' if c == 'choose' else 'step'}"] = mean[f"{c}_ms"] / max(per, 1e-9)
         rows[m] = {k: round(v, 4) for k, v in mean.items()}
     cols = ("tokens_per_s", "total_ms", "steps", "draft_ms", "verify_ms", "decision_ms", "outside_steps_ms", "draft_levels",
             "accepted", "draft_ms_per_level", "decision_ms_per_step")
@@ -90,6 +95,11 @@ def main() -> None:
     print(f"{'method':<14}" + "".join(f"{c:>20}" for c in cols))
     for m, row in rows.items():
         print(f"{m:<14}" + "".join(f"{row[c]:>20.2f}" for c in cols))
+    split = ("max_depth_ms_per_step", "choose_ms_per_level", "select_ms_per_step", "observe_ms_per_step")
+    print("decision time by policy call (ms)")
+    print(f"{'method':<14}" + "".join(f"{c:>24}" for c in split))
+    for m, row in rows.items():
+        print(f"{m:<14}" + "".join(f"{row[c]:>24.3f}" for c in split))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "step_breakdown_sampling" if args.sample else "step_breakdown_greedy"

@@ -56,8 +56,8 @@ def test_adaptive_batch_matches_generate(models, policy):
 
 
 def test_stats_count_decision_time_and_idle_levels(models):
-    """Each step records its policy's own seconds (a part of the step) and how many draft levels
-    it was offered: at least as many as the deepest verified node, exactly that many for a chain."""
+    """Each step records its policy's own seconds (a part of the step; split by policy call) and how
+    many draft levels it was offered: at least as many as the deepest verified node, exactly that many for a chain."""
     target, draft = models
     ids, mask = ragged_batch(2, 8, 3)
     for policy in ("static-3", "adaptive"):
@@ -68,6 +68,10 @@ def test_stats_count_decision_time_and_idle_levels(models):
         assert drafted
         for s in st.steps:
             assert 0.0 < s.decision_time < s.step_time
+            # the split by policy call adds up to the total, and every step plans and learns
+            assert s.decision_split and abs(sum(s.decision_split.values()) - s.decision_time) < 1e-9
+            assert {"max_depth", "observe"} <= set(s.decision_split)
+            assert ("choose" in s.decision_split) == (s.draft_levels > 0)
             assert s.draft_levels >= s.kept_depth and (s.kept_depth > 0) == (max(s.drafted) > 0)
         if policy == "static-3":  # a fixed chain asks for exactly the levels it keeps (the tail is cut by the budget)
             assert all(s.draft_levels == s.kept_depth for s in drafted)

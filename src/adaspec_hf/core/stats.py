@@ -18,6 +18,7 @@ class StepRecord:
     decision_time: float = 0.0  # seconds inside the policy's calls (part of step_time)
     draft_levels: int = 0  # draft levels offered to the policy (the catch-up forward's and each expansion's)
     kept_depth: int = 0  # depth of the deepest verified node (levels beyond it were drafted for nothing)
+    decision_split: dict[str, float] | None = None  # decision_time per policy call (max_depth, choose, ...)
 
 
 @dataclass

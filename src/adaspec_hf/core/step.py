@@ -42,6 +42,7 @@ class TimedPolicy:
 
     def __init__(self, policy: DraftPolicy):
         self._policy, self.seconds, self.levels = policy, 0.0, 0
+        self.split: dict[str, float] = {}  # seconds per call name (which decision costs what)
 
     def __getattr__(self, name: str):
         attr = getattr(self._policy, name)
@@ -53,7 +54,9 @@ class TimedPolicy:
             try:
                 return attr(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                self.seconds += dt
+                self.split[name] = self.split.get(name, 0.0) + dt
                 self.levels += name == "choose"
         return timed
 
@@ -205,7 +208,7 @@ class SpecStep:
             rows=bsz, drafted=tree.n_nodes.tolist() if n else [0] * bsz,
             accepted=verdict.n_accepted.tolist(), draft_time=t1 - t0, verify_time=t2 - t1,
             step_time=time.perf_counter() - t0, predicted_time=predicted, decision_time=policy.seconds,
-            draft_levels=policy.levels, kept_depth=int(tree.depth.max()) if n else 0,
+            decision_split=policy.split, draft_levels=policy.levels, kept_depth=int(tree.depth.max()) if n else 0,
         )
         finished = src.commit(rid, emitted, n_emit, scores, raw, verdict.source)  # last: see the docstring
         return finished, record
