@@ -39,7 +39,11 @@ def main() -> None:
     ap.add_argument("--tight", type=float, default=1.2)
     ap.add_argument("--loose", type=float, default=3.0)
     ap.add_argument("--tight-fraction", type=float, default=0.5)
+    ap.add_argument("--budget", type=int, default=GpuShapedCost.budget,
+                    help="GPU-shaped curve: query tokens (rows x tokens) a verify takes at its flat cost")
     args = ap.parse_args()
+    if args.budget < 1:
+        ap.error(f"--budget must be >= 1 query token, got {args.budget}")
 
     target, draft, tok = load_models(args.target, args.draft, allow_weak_pair=args.allow_weak_pair)
     prompts = load_prompt_ids(tok, args.n_prompts)
@@ -54,7 +58,7 @@ def main() -> None:
         mean_len = statistics.mean(r.length for r in trace.rows)
         ctx = statistics.mean(r.prompt_len for r in trace.rows) + mean_len / 2
         for cname in args.cost.split(","):
-            cost = GpuShapedCost() if cname == "gpu" else ProfileCost(fresh_state(target, draft).latency)
+            cost = GpuShapedCost(budget=args.budget) if cname == "gpu" else ProfileCost(fresh_state(target, draft).latency)
             per_tok = cost.overhead + cost.verify(1, 1, ctx)
             prefill = statistics.mean(cost.verify(1, r.prompt_len, 0.0) for r in trace.rows)
             ttft = 10 * (prefill + per_tok)
@@ -76,10 +80,12 @@ def main() -> None:
                 reqs = poisson_requests(args.requests, rate, len(trace.rows), classes, seed=0,
                                         cv=args.cv if args.arrival == "gamma" else 1.0)
                 for name in systems:
-                    res = simulate_serving(policy_on(name, cost, target, draft, sampling=sampling), trace, cost, reqs,
-                                           max_rows=args.max_rows)
+                    policy = policy_on(name, cost, target, draft, sampling=sampling)
+                    res = simulate_serving(policy, trace, cost, reqs, max_rows=args.max_rows)
                     s = res.summary(["tight", "loose"])
                     s.update(rate=rate, fraction=frac, system=name)
+                    if hasattr(policy, "behind_rows"):  # the SLO phase: how often it had a row to serve first
+                        s.update(behind_row_steps=policy.behind_rows, slo_phase1_nodes=policy.slo_nodes)
                     runs.append(s)
                     bc, gc = s["attainment_by_class"], s["goodput_by_class"]
                     row = (f"| {rate:.2f} | {name} | {s['attainment']:.2f} | {bc['tight']:.2f} | {bc['loose']:.2f} "
@@ -92,7 +98,8 @@ def main() -> None:
             lines.append("\n" + json.dumps(result["runs"][key]["goals"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "simulate_serving" + ("_gamma" if args.arrival == "gamma" else "")
+    stem = "simulate_serving" + ("_gamma" if args.arrival == "gamma" else "") + (
+        f"_budget{args.budget}" if args.budget != GpuShapedCost.budget else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(f"# {stem}\n" + "\n".join(lines) + "\n")
     print(f"\nwrote {out / stem}.json, {stem}.md")
