@@ -30,7 +30,11 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sections", default="A,B,C")
+    ap.add_argument("--modes", default="greedy,sampling", help="section A: greedy, sampling (T=0.7) or both")
     args = ap.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - {"greedy", "sampling"}:
+        ap.error(f"--modes takes greedy and/or sampling, got {args.modes!r}")
 
     target, draft, tok = open_pair(args)
     enable(target)
@@ -48,6 +52,8 @@ def main() -> None:
         methods = ["vanilla", "hf-assisted", "hf-assisted-heuristic", *STATIC, "heuristic", "confidence",
                    "smartspec", *TREES, *OURS]
         for mode, sample in (("greedy", False), ("sampling", True)):
+            if mode not in modes:
+                continue
             res = run_benchmark(f"adaptive_batch1_{mode}", target, draft, prompts[: args.n_prompts], methods,
                                 batch_sizes=[1], do_sample=sample, **common)
             print(res.table())

@@ -64,8 +64,8 @@ def main() -> None:
     target, draft, tok = open_pair(args)
     prompts = load_prompt_ids(tok, args.n_prompts)
     gen_kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
-    if args.sample:
-        gen_kw["temperature"] = args.temperature
+    if args.sample:  # plain temperature sampling, as benchmarks/adaptive.py (no top-k / top-p from the model's config)
+        gen_kw.update(temperature=args.temperature, top_k=0, top_p=1.0)
     for m in methods:  # warm-up: the pair's state (calibration, costs) as a session's later calls see it
         one_call(target, draft, prompts[0], m, gen_kw)
     sums = {m: dict.fromkeys(FIELDS + tuple(f"{c}_ms" for c in CALLS), 0.0) for m in methods}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 
 import pytest
 import torch
@@ -164,3 +165,30 @@ def test_speed_ratios_pair_repeats_and_hold_out_the_choice():
 def test_speed_ratios_of_one_repeat_have_no_held_out_figure():
     out = harness.speed_ratios([_row("ours", [1.0]), _row("k", [2.0])], "ours", ["k"])
     assert out["hindsight"] == pytest.approx(2.0) and "held_out" not in out
+
+
+def test_rates_count_each_repeats_own_tokens(models, monkeypatch):
+    """Sampled texts differ from repeat to repeat and end at EOS at different lengths: a repeat's
+    rate is its own new tokens over its own time (the last repeat's count over the median time
+    misstated sampled rates by the ratio of the two texts' lengths)."""
+    calls = []
+
+    def ending(name: str) -> Method:
+        def run(target, draft, ids, mask, gen_kw):
+            calls.append(name)
+            time.sleep(0.002)
+            n = len(calls)  # one call per repeat: EOS (9) after n - 1 tokens, so n tokens counted
+            new = torch.tensor([[4] * (n - 1) + [9] + [0] * (4 - n)])
+            return RunOutput(torch.cat([ids.cpu(), new], 1), 0)
+        return Method(name, run)
+
+    monkeypatch.setattr(harness, "resolve_method", ending)
+    target, draft = models
+    res = harness.run_benchmark("t", target, draft, PROMPTS[:1], ["a"], max_new_tokens=4, repeats=3, warmup=0,
+                                eos_token_id=9, do_sample=True, progress=False)
+    row, = res.rows
+    assert row.tokens == [1, 2, 3] and row.new_tokens == 3
+    assert row.rates() == [n / t for n, t in zip([1, 2, 3], row.times)] and min(row.times) > 0
+    assert row.tokens_per_s == pytest.approx(statistics.median(row.rates()))
+    # rows built without per-repeat counts fall back to new_tokens for every repeat
+    assert _row("x", [1.0, 2.0]).rates() == [100.0, 50.0]

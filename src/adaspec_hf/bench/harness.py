@@ -52,9 +52,9 @@ def _gen_kwargs(do_sample: bool, temperature: float, max_new: int) -> dict:
 class Row:
     method: str
     batch: int
-    tokens_per_s: float
+    tokens_per_s: float  # median over repeats of the repeat's new tokens / its time
     times: list[float]
-    new_tokens: int
+    new_tokens: int  # the last repeat's (the one whose outputs are checked)
     speedup: float | None = None
     accepted_per_step: float | None = None
     mean_draft_len: float | None = None
@@ -64,6 +64,16 @@ class Row:
     matches_vanilla: bool | None = None
     note: str = ""
     config: dict | None = None  # the AdaptiveConfig of an adaspec method, as it ran
+    # new tokens per repeat (empty: ``new_tokens`` every time). Sampled texts differ from repeat to
+    # repeat (each has its own seed) and end at EOS at different lengths, so a repeat's rate is its
+    # own tokens over its own time; dividing the last repeat's count by the median time misstated
+    # every sampled rate by the ratio of the two texts' lengths
+    tokens: list[int] = field(default_factory=list)
+
+    def rates(self) -> list[float]:
+        """Tokens per second of each repeat."""
+        counts = self.tokens or [self.new_tokens] * len(self.times)
+        return [n / max(t, 1e-9) for n, t in zip(counts, self.times)]
 
 
 @dataclass
@@ -170,9 +180,11 @@ def run_benchmark(
         todo = [m for m in resolved if not (m.batch1_only and bs > 1)]
         bar.update(len(resolved) - len(todo))
         times: dict[str, list[float]] = {m.name: [] for m in todo}
+        counts: dict[str, list[int]] = {m.name: [] for m in todo}
         last: dict[str, tuple[list, list]] = {}
         for rep in range(warmup + repeats):
             took = {m.name: 0.0 for m in todo}
+            made = {m.name: 0 for m in todo}
             runs: dict[str, tuple[list, list]] = {m.name: ([], []) for m in todo}
             for bi, (ids, mask) in enumerate(batches):
                 ids, mask = ids.to(target.device), mask.to(target.device)
@@ -185,19 +197,22 @@ def run_benchmark(
                     o = method.fn(target, draft, ids, mask, gen_kw)
                     _sync(target)
                     took[method.name] += time.perf_counter() - t0
+                    made[method.name] += _count_new(o.sequences.cpu(), ids.shape[1], eos_token_id)
                     runs[method.name][0].append(o.sequences.cpu())
                     runs[method.name][1].append(o)
             if rep >= warmup:
                 for m in todo:
                     times[m.name].append(took[m.name])
+                    counts[m.name].append(made[m.name])
                 last = runs
         vanilla_out: list[torch.Tensor] | None = None
         base_tps = None
         for method in todo:
             outs, stats = last[method.name]
             new = sum(_count_new(o, b[0].shape[1], eos_token_id) for o, b in zip(outs, batches))
-            med = statistics.median(times[method.name])
-            row = Row(method.name, bs, new / med, [round(t, 4) for t in times[method.name]], new)
+            row = Row(method.name, bs, 0.0, [round(t, 6) for t in times[method.name]], new,
+                      tokens=counts[method.name])
+            row.tokens_per_s = statistics.median(row.rates())
             acc = [s.accepted_per_step for s in stats if s.accepted_per_step is not None]
             if acc:
                 row.accepted_per_step = sum(acc) / len(acc)
@@ -235,7 +250,7 @@ def speed_ratios(rows: Sequence[Row], ours: str, others: Sequence[str]) -> dict:
       estimates overshoots the true max), and choosing on separate data removes that bias.
     """
     by = {r.method: r for r in rows}
-    rates = {m: [by[m].new_tokens / t for t in by[m].times] for m in [ours, *others]}
+    rates = {m: by[m].rates() for m in [ours, *others]}
     best = max(others, key=lambda m: by[m].tokens_per_s)
     paired = [a / b for a, b in zip(rates[ours], rates[best])]
     out = {"best": best, "hindsight": by[ours].tokens_per_s / by[best].tokens_per_s,
