@@ -26,6 +26,11 @@ FIELDS = ("total_ms", "new_tokens", "steps", "draft_ms", "verify_ms", "decision_
 CALLS = ("max_depth", "choose", "select", "observe")  # the policy calls of a step (decision_ms split by call)
 
 
+def per_call(c: str) -> str:
+    """The reported key of a call's mean: choose runs once per draft level, the others once per step."""
+    return f"{c}_ms_per_{'level' if c == 'choose' else 'step'}"
+
+
 def one_call(target, draft, ids: list[int], policy: str, gen_kw: dict) -> dict[str, float]:
     x = torch.tensor([ids])
     t0 = time.perf_counter()
@@ -84,9 +89,9 @@ def main() -> None:
         mean["decision_ms_per_step"] = mean["decision_ms"] / max(mean["steps"], 1e-9)
         mean["decision_share"] = mean["decision_ms"] / max(mean["total_ms"], 1e-9)
         mean["tokens_per_s"] = 1e3 * mean["new_tokens"] / max(mean["total_ms"], 1e-9)
-        for c in CALLS:  # choose runs once per draft level, the others once per step
+        for c in CALLS:
             per = mean["draft_levels"] if c == "choose" else mean["steps"]
-            mean[f"{c}_ms_per_{'level' if c == 'choose' else 'step'}"] = mean[f"{c}_ms"] / max(per, 1e-9)
+            mean[per_call(c)] = mean[f"{c}_ms"] / max(per, 1e-9)
         rows[m] = {k: round(v, 4) for k, v in mean.items()}
     cols = ("tokens_per_s", "total_ms", "steps", "draft_ms", "verify_ms", "decision_ms", "outside_steps_ms", "draft_levels",
             "accepted", "draft_ms_per_level", "decision_ms_per_step")
@@ -95,7 +100,7 @@ def main() -> None:
     print(f"{'method':<14}" + "".join(f"{c:>20}" for c in cols))
     for m, row in rows.items():
         print(f"{m:<14}" + "".join(f"{row[c]:>20.2f}" for c in cols))
-    split = ("max_depth_ms_per_step", "choose_ms_per_level", "select_ms_per_step", "observe_ms_per_step")
+    split = [per_call(c) for c in CALLS]
     print("decision time by policy call (ms)")
     print(f"{'method':<14}" + "".join(f"{c:>24}" for c in split))
     for m, row in rows.items():

@@ -197,8 +197,9 @@ def run_benchmark(
                     o = method.fn(target, draft, ids, mask, gen_kw)
                     _sync(target)
                     took[method.name] += time.perf_counter() - t0
-                    made[method.name] += _count_new(o.sequences.cpu(), ids.shape[1], eos_token_id)
-                    runs[method.name][0].append(o.sequences.cpu())
+                    seq = o.sequences.cpu()
+                    made[method.name] += _count_new(seq, ids.shape[1], eos_token_id)
+                    runs[method.name][0].append(seq)
                     runs[method.name][1].append(o)
             if rep >= warmup:
                 for m in todo:
@@ -209,8 +210,7 @@ def run_benchmark(
         base_tps = None
         for method in todo:
             outs, stats = last[method.name]
-            new = sum(_count_new(o, b[0].shape[1], eos_token_id) for o, b in zip(outs, batches))
-            row = Row(method.name, bs, 0.0, [round(t, 6) for t in times[method.name]], new,
+            row = Row(method.name, bs, 0.0, [round(t, 6) for t in times[method.name]], counts[method.name][-1],
                       tokens=counts[method.name])
             row.tokens_per_s = statistics.median(row.rates())
             acc = [s.accepted_per_step for s in stats if s.accepted_per_step is not None]

@@ -41,8 +41,13 @@ class TimedPolicy:
     TIMED = ("max_depth", "choose", "select", "node_values", "skip_draft", "observe", "reset", "forget")
 
     def __init__(self, policy: DraftPolicy):
-        self._policy, self.seconds, self.levels = policy, 0.0, 0
+        self._policy, self.levels = policy, 0
         self.split: dict[str, float] = {}  # seconds per call name (which decision costs what)
+
+    @property
+    def seconds(self) -> float:
+        """Seconds inside all timed calls so far."""
+        return sum(self.split.values())
 
     def __getattr__(self, name: str):
         attr = getattr(self._policy, name)
@@ -54,9 +59,7 @@ class TimedPolicy:
             try:
                 return attr(*args, **kwargs)
             finally:
-                dt = time.perf_counter() - t0
-                self.seconds += dt
-                self.split[name] = self.split.get(name, 0.0) + dt
+                self.split[name] = self.split.get(name, 0.0) + time.perf_counter() - t0
                 self.levels += name == "choose"
         return timed
 
