@@ -391,6 +391,65 @@ def test_one_row_chain_path_decides_as_the_vector_path(monkeypatch, curve, accep
     assert a.mean_draft > 1.0
 
 
+@pytest.mark.parametrize("curve", ["smooth", "jump", "flat"])
+def test_one_row_tree_values_are_the_vector_paths(monkeypatch, curve):
+    """At batch 1 the tree planner prices a level's candidates on float32 scalars: bit for bit the
+    (B, C) path's values at every level of a run with runners-up (sibling predictions, a blended
+    calibration, parents at several depths), hence the same trees."""
+    from adaspec_hf.policies import tree_plan
+
+    tr = runner_up_trace(1, 150, seed=23)
+    lat = {"smooth": latency(ratio=20), "jump": jump_latency(3), "flat": latency(ratio=30, growth=0.0)}[curve]
+    one_row, rows = tree_plan._recorded_values_one_row, tree_plan._recorded_values_rows
+    seen = {"levels": 0, "siblings": 0}
+
+    def both(self, ctx, node_path):
+        got, want = one_row(self, ctx, node_path), rows(self, ctx, node_path)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape and np.array_equal(g, w), (g, w)
+        seen["levels"] += 1
+        seen["siblings"] += int(ctx.cand_parent is not None and ctx.cand_prob.shape[1] > 1)
+        return got
+
+    monkeypatch.setattr(tree_plan, "_recorded_values_one_row", both)
+    a = simulate(planner(lat, tree=True), tr, ProfileCost(lat), batch=1)
+    monkeypatch.setattr(tree_plan, "_recorded_values_one_row", rows)
+    b = simulate(planner(lat, tree=True), tr, ProfileCost(lat), batch=1)
+    assert a.chosen == b.chosen and a.accepted == b.accepted and a.steps == b.steps
+    assert seen["levels"] > 50 and seen["siblings"] > 10 and a.drafted > a.accepted + a.steps  # not vacuous
+
+
+@pytest.mark.parametrize("curve", ["smooth", "jump", "flat"])
+def test_one_row_tree_rule_decides_as_the_vector_path(monkeypatch, curve):
+    """At batch 1 the tree planner's level rule runs on scalars: at every level the same nodes
+    added and expanded, and the same predicted step time, as its (B, C) path."""
+    from adaspec_hf.policies import tree_plan
+
+    tr = runner_up_trace(1, 150, seed=29)
+    lat = {"smooth": latency(ratio=20), "jump": jump_latency(3), "flat": latency(ratio=30, growth=0.0)}[curve]
+    one_row, rows = tree_plan._plan_tree_one_row, tree_plan._plan_tree_rows
+    seen = {"levels": 0, "wide": 0}
+
+    def both(self, ctx, v, have_n, have_val):
+        want = rows(self, ctx, v, np.asarray([have_n], dtype=np.int64), have_val)
+        t_want = self.predicted_time
+        got = one_row(self, ctx, v, have_n, have_val)
+        assert self.predicted_time == t_want
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and np.array_equal(g, w), (got, want)
+        seen["levels"] += 1
+        seen["wide"] += int(got[0][0] > 1 or got[1][0] > 1)
+        return got
+
+    monkeypatch.setattr(tree_plan, "_plan_tree_one_row", both)
+    a = simulate(planner(lat, tree=True), tr, ProfileCost(lat), batch=1)
+    monkeypatch.setattr(tree_plan, "_plan_tree_one_row",
+                        lambda self, ctx, v, n, val: rows(self, ctx, v, np.asarray([n], dtype=np.int64), val))
+    b = simulate(planner(lat, tree=True), tr, ProfileCost(lat), batch=1)
+    assert a.chosen == b.chosen and a.accepted == b.accepted and a.steps == b.steps
+    assert seen["levels"] > 50 and seen["wide"] > 10  # levels that add or expand several nodes: not vacuous
+
+
 def test_predict_one_equals_predict_np():
     """The scalar prediction is the array one, bit for bit (a calibrated, depth-adjusted model)."""
     from adaspec_hf.efficiency.acceptance import AcceptanceModel
@@ -405,3 +464,4 @@ def test_predict_one_equals_predict_np():
         want = m.predict_np(p, d)
         got = np.asarray([m.predict_one(float(x), d) for x in p], dtype=np.float32)
         assert got.dtype == want.dtype and np.array_equal(got, want)
+        assert np.array_equal(np.asarray(m.predict_list(p.tolist(), d), dtype=np.float32), want)

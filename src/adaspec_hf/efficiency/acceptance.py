@@ -194,6 +194,20 @@ class AcceptanceModel:
         lo, hi = row[i0], row[i0 + 1]
         return lo + w * (hi - lo)
 
+    def predict_list(self, draft_probs: list[float], depth: int) -> list[np.float32]:
+        """:meth:`predict_one` for a few nodes at one depth (a tree level's candidates at batch 1):
+        the same float32 operations, the table looked up once."""
+        row = self._tables()[1][min(max(int(depth), 0), self.max_depth) if self.depth_adjust else 0]
+        R = self._res
+        scale, top = np.float32(R), R - 1
+        out = []
+        for x in draft_probs:
+            u = min(max(np.float32(x), _F32_0), _F32_1) * scale
+            i0 = min(int(math.floor(u)), top)
+            lo = row[i0]
+            out.append(lo + (u - np.float32(i0)) * (row[i0 + 1] - lo))
+        return out
+
     @torch.no_grad()
     def update(self, draft_prob: torch.Tensor, depth: torch.Tensor | int, accepted: torch.Tensor) -> None:
         """Learn from verified nodes.

@@ -75,6 +75,9 @@ class PlanStep:
     # candidates' path values until choose() commits them
     tree_levels: list | None = None
     level_nodes: np.ndarray | None = None
+    verify32: np.ndarray | None = None  # verify in float32 (the tree rules' copy)
+    tree_joined: tuple | None = None  # tree_levels joined into (values, valid), until a level is added
+    draft_widths: dict = dataclasses.field(default_factory=dict)  # width -> predicted seconds of a draft level
 
     def __post_init__(self) -> None:
         if self.row_weight is None:
