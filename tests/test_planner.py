@@ -163,6 +163,24 @@ def test_measured_costs_override_the_profile():
     assert planner._costs(1, 10, 3)[2] == pytest.approx(profile_q3 * 10)
 
 
+def test_kept_cost_factors_equal_rebuilt_ones():
+    """The per-width factors are kept across steps and patched by each measurement: the same as
+    building them afresh from the table, whatever the order of measurements and reads."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    kept = ObservedCosts(confirm=3)
+    for _ in range(300):
+        rows, q = int(rng.integers(1, 3)), int(rng.integers(1, 60))
+        kept.add(rows, q, float(rng.uniform(0.5, 2.0)), 1.0)
+        if rng.random() < 0.3:
+            max_q = int(rng.integers(1, 70))
+            fresh = ObservedCosts(confirm=3)
+            fresh.table = dict(kept.table)
+            assert np.array_equal(kept.factors(rows, max_q), fresh.factors(rows, max_q))
+    assert any(n >= 3 for _, n in kept.table.values()) and any(n < 3 for _, n in kept.table.values())
+
+
 def test_measured_shapes_follow_the_machine_drift():
     """Drift is not a shape's cost: q=3 measured during a fast spell (half the profile's time, when
     every shape ran at half) must not stay cheaper than q=2 once the machine is back at full speed."""

@@ -39,6 +39,7 @@ class ObservedCosts:
         # which the profile's bare forwards underestimate several-fold on a CPU
         self.draft_level: dict[int, float] = {}
         self._draft_seen: dict[int, int] = {}
+        self._factors: dict[int, np.ndarray] = {}  # per rows: factors(), kept up to date by add
 
     def add_draft(self, rows: int, levels: int, seconds: float) -> None:
         if levels > 0 and seconds > 0 and math.isfinite(seconds):
@@ -58,6 +59,28 @@ class ObservedCosts:
         ratio = seconds / predicted
         prev, n = self.table.get((rows, q), (ratio, 0))
         self.table[(rows, q)] = ((1 - self.ema) * prev + self.ema * ratio if n else ratio, n + 1)
+        out = self._factors.get(rows)
+        if out is not None and q <= len(out):
+            out[q - 1] = self._factor(rows, q)
+
+    def _factor(self, rows: int, q: int) -> float:
+        seen = self.get(rows, q)
+        if seen is None:
+            return 1.0
+        ratio, n = seen
+        return ratio if n >= self.confirm else min(ratio, 1.0)
+
+    def factors(self, rows: int, max_q: int) -> np.ndarray:
+        """(max_q,) float64: what to multiply the profile's verify time for 1..max_q query tokens by,
+        from what was measured at ``rows``. Contention only inflates timings, so a shape measured
+        below the profile is believed at once, one above it only once seen ``confirm`` times (a
+        busy-machine profile must not freeze the decisions, and one noisy step must not either);
+        an unmeasured shape keeps the profile (1). Kept, not rebuilt: a tree planner
+        asks for ~50 widths every step, and a step measures one."""
+        out = self._factors.get(rows)
+        if out is None or len(out) < max_q:
+            out = self._factors[rows] = np.asarray([self._factor(rows, q) for q in range(1, max_q + 1)], dtype=float)
+        return out[:max_q]
 
     def get(self, rows: int, q: int) -> tuple[float, int] | None:
         """(EMA of measured / predicted, observations) once seen ``min_count`` times, else None."""

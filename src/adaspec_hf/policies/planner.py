@@ -145,17 +145,9 @@ class AdaptivePlanner(DraftPolicy):
     # ------------------------------------------------------------------ costs
     def _costs(self, rows: int, context: float, max_q: int) -> np.ndarray:
         """Verify time for 1..max_q query tokens per row: the profile's curve (with the latency model's
-        running drift correction) times what was measured here for each shape, relative to it.
-        Contention only inflates timings, so a shape measured below the curve is believed at once,
-        one above it only once confirmed (a busy-machine profile must not freeze the decisions, and
-        one noisy step must not either)."""
-        out = self.latency.target_curve(rows, context, max_q)[1:]
-        for q in range(1, max_q + 1):
-            seen = self.observed.get(rows, q)
-            if seen is not None:
-                ratio, n = seen
-                out[q - 1] *= ratio if n >= self.observed.confirm else min(ratio, 1.0)
-        return out
+        running drift correction) times what was measured here for each shape, relative to it
+        (:meth:`ObservedCosts.factors`)."""
+        return self.latency.target_curve(rows, context, max_q)[1:] * self.observed.factors(rows, max_q)
 
     def _draft_cost(self, rows: int, tokens: float, context: float) -> float:
         """One draft level: the profile's forward plus what a level has cost here beyond a bare
