@@ -130,6 +130,39 @@ def test_greedy_equivalence_with_planner(arch, policy):
     assert out.stats.drafted_tokens > 0
 
 
+def test_drafters_partial_validity_is_the_partial_trees():
+    """The tree planner reads the nodes-so-far validity without building the partial tree: at every
+    level of a ragged batch and at batch 1, the same mask as the built tree's, and the record held
+    (the numpy path priced the levels)."""
+    from adaspec_hf.policies import tree_plan
+
+    target, _ = pair(ARCHS[0])  # drafting with the target itself: every node accepted, deep trees
+    checked = {"levels": 0, "recorded": 0}
+    real = tree_plan._recorded_for
+
+    def recorded_for(self, valid_t):
+        out = real(self, valid_t)
+        checked["recorded"] += out is not None
+        return out
+
+    class Checking(AdaptivePlanner):
+        def choose(self, ctx):
+            cheap = ctx.valid
+            assert torch.equal(cheap, ctx.partial().valid)
+            checked["levels"] += int(cheap.shape[1] > 0)
+            return super().choose(ctx)
+
+    tree_plan._recorded_for = recorded_for
+    try:
+        for rows in (5, 1):
+            ids, mask = ragged_batch(rows, 9, 3)
+            planner = Checking(flat_target(), AcceptanceModel(), tree=True)
+            SpeculativeDecoder(target, target, planner, eos_token_id=2, pad_token_id=0).generate(ids, mask, 40)
+    finally:
+        tree_plan._recorded_for = real
+    assert checked["levels"] >= 5 and checked["recorded"] >= 5, checked
+
+
 def test_idle_probes_measure_wider_verifies():
     """With a profile that says wide verifies are ruinous, the planner still probes now and then
     (1, 2, 4 tokens), so that real measurements can correct the profile; each probe waits for its

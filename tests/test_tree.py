@@ -155,3 +155,26 @@ def test_one_row_selection_is_the_general_rule():
         one = best_prefix_np(v, np.array([base]), tokens, verify, 0.003)
         two = best_prefix_np(np.concatenate([v, np.zeros_like(v)]), np.array([base, 0]), tokens, verify, 0.003)
         assert one[0][0] == two[0][0] and one[1] == two[1] and one[2] == two[2]
+
+
+def test_one_row_budget_is_the_array_rule():
+    """goodput_budget_one_row keeps what goodput_budget_np keeps for one row (ties among values,
+    invalid padding, nothing worth verifying), with the same goodput and step time, bit for bit."""
+    import numpy as np
+
+    from adaspec_hf.policies.selection import goodput_budget_np, goodput_budget_one_row
+
+    rng = np.random.default_rng(8)
+    kept_some = 0
+    for _ in range(400):
+        n = int(rng.integers(1, 14))
+        v = (rng.random(n) * rng.choice([1.0, 0.3, 1e-10], n)).astype(np.float32)
+        v[rng.random(n) < 0.2] = v[0]  # ties
+        valid = rng.random(n) > 0.2
+        verify = (0.01 + 0.002 * np.arange(16) + rng.random(16) * 0.004).astype(np.float32)
+        base = float(1 + rng.random())
+        want = goodput_budget_np(v[None, :], valid[None, :], verify, 0.003, base)
+        got = goodput_budget_one_row(v.tolist(), valid.tolist(), verify, 0.003, base)
+        assert got[0] == want[0][0].tolist() and got[1] == want[1] and got[2] == want[2]
+        kept_some += any(got[0])
+    assert 50 < kept_some < 400

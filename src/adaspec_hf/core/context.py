@@ -48,6 +48,7 @@ class LevelContext:
     step: StepContext
     max_depth: torch.Tensor  # (B,) the depth bound from max_depth()
     cand_parent: torch.Tensor | None = None  # (B, C) node index (in ``tree``) of each candidate's parent, -1 = root
+    partial_valid: Callable[[], torch.Tensor] | None = None  # ``tree.valid`` without building the tree
 
     @property
     def tree(self) -> DraftTree:
@@ -56,6 +57,14 @@ class LevelContext:
         if not isinstance(self.partial, DraftTree):
             self.partial = self.partial()
         return self.partial
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B, N) validity of the nodes so far (``tree.valid``): one concatenation where the tree
+        is not built, for a planner that keeps its own record of the nodes (the tree planner)."""
+        if isinstance(self.partial, DraftTree) or self.partial_valid is None:
+            return self.tree.valid
+        return self.partial_valid()
 
 
 @dataclass

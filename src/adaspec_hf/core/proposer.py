@@ -128,6 +128,10 @@ class _Levels:
             draft_prob=_cat(parts["p"], b, dev, 0.0), sampled=_cat(parts["smp"], b, dev, False),
         )
 
+    def partial_valid(self) -> torch.Tensor:
+        """``partial().valid`` alone."""
+        return _cat(self.parts["ok"], self.batch, self.device, False)
+
     def add(self, level: int, cand: _Candidates, front: _Frontier, n_add: torch.Tensor,
             width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the best ``n_add[b]`` candidates as level ``level``; return their node ids and their
@@ -238,7 +242,7 @@ class TreeDrafter:
         for level in range(1, depth_limit + 1):
             cand = self._candidates(front, policy, level)
             lctx = LevelContext(level, cand.path_prob, cand.prob, levels.partial, ctx, max_depth,
-                                cand_parent=front.node.gather(1, cand.source))
+                                cand_parent=front.node.gather(1, cand.source), partial_valid=levels.partial_valid)
             n_add, n_exp = policy.choose(lctx)
             avail = (cand.path_prob > 0).sum(1)
             n_add = torch.minimum(n_add.clamp(min=0), avail) * (max_depth >= level)

@@ -21,7 +21,7 @@ import torch
 from adaspec_hf.core.context import LevelContext
 from adaspec_hf.core.tree import DraftTree, top_among_siblings_np
 from adaspec_hf.policies.chain import _lookahead_one, lookahead_pays
-from adaspec_hf.policies.selection import best_prefix_np, best_width_one_row, goodput_budget_np
+from adaspec_hf.policies.selection import best_prefix_np, best_width_one_row, goodput_budget_np, goodput_budget_one_row
 
 if TYPE_CHECKING:
     from adaspec_hf.policies.planner import AdaptivePlanner
@@ -56,11 +56,18 @@ def recorded_path(self: "AdaptivePlanner", tree: DraftTree) -> np.ndarray | None
     """(B, N) calibrated path values of ``tree``'s nodes from the planner's record of this step, in
     ``tree``'s own layout (level blocks as the drafter builds them, or packed); None when ``tree`` is
     not what was recorded."""
+    if tree.lookup is not None:
+        return None
+    return _recorded_for(self, tree.valid)
+
+
+def _recorded_for(self: "AdaptivePlanner", valid_t: torch.Tensor) -> np.ndarray | None:
+    """:func:`recorded_path` of the draft-model nodes whose validity is ``valid_t``."""
     st = self._step
-    if st is None or st.tree_levels is None or tree.lookup is not None or tree.valid.device.type != "cpu":
+    if st is None or st.tree_levels is None or valid_t.device.type != "cpu":
         return None
     values, ok = _layouts(st)
-    valid = tree.valid.numpy()
+    valid = valid_t.numpy()
     if valid.shape == ok.shape and np.array_equal(valid, ok):
         return values
     values, ok = _packed(values, ok)
@@ -71,7 +78,11 @@ def recorded_values(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[np.ndar
     """This level's candidates priced from the record: (B, C) decision values (non-increasing along
     a row), (B, C) path values they would have as nodes, and (B, N) those of the nodes so far; None
     when the partial tree is not the recorded one."""
-    node_path = recorded_path(self, ctx.tree) if ctx.cand_prob.device.type == "cpu" else None
+    if ctx.cand_prob.device.type != "cpu" or (isinstance(ctx.partial, DraftTree) and ctx.partial.lookup is not None):
+        return None
+    # the partial tree of a draft-model drafter has no prompt-lookup nodes; only its validity is
+    # needed (built, the tree cost ~25 µs a level at batch 1)
+    node_path = _recorded_for(self, ctx.valid)
     if node_path is None:
         return None
     one_row = ctx.cand_prob.shape[0] == 1
@@ -175,7 +186,7 @@ def plan_tree_level(self: "AdaptivePlanner", ctx: LevelContext, v: np.ndarray, n
     st = self._step
     weight = st.row_weight[:, None]  # what each row's tokens are worth to the call (see AdaptivePlanner._row_weights)
     v = (v * weight).astype(F32)
-    valid = ctx.tree.valid.cpu().numpy() if ctx.tree.width else np.zeros((b, 0), dtype=bool)
+    valid = ctx.valid.cpu().numpy()
     have_n = valid.sum(1).astype(np.int64)
     have_val = F32(np.where(valid, node_path * weight, F32(0)).sum()) if node_path.shape[1] else F32(0)
     if b == 1:
@@ -306,7 +317,12 @@ def select_tree(self: "AdaptivePlanner", tree: DraftTree) -> torch.Tensor | None
     if values is None:
         return None
     st = self._step
-    keep, _, t = goodput_budget_np(values * st.row_weight[:, None], tree.valid.numpy(), st.verify.astype(F32),
-                                   self._spent(), float(st.row_weight.sum()))
+    weighted = values * st.row_weight[:, None]
+    if st.rows == 1:
+        keep, _, t = goodput_budget_one_row(weighted[0].tolist(), tree.valid[0].tolist(), _verify32(st),
+                                            self._spent(), float(st.row_weight.sum()))
+        self.predicted_time = t
+        return torch.tensor([keep], dtype=torch.bool)
+    keep, _, t = goodput_budget_np(weighted, tree.valid.numpy(), _verify32(st), self._spent(), float(st.row_weight.sum()))
     self.predicted_time = t
     return torch.from_numpy(keep)
