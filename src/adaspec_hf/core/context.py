@@ -3,7 +3,7 @@ outcome after verify. Plain dataclasses of tensors; the policy interface itself 
 :mod:`adaspec_hf.policies.base`, which re-exports these."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -49,6 +49,7 @@ class LevelContext:
     max_depth: torch.Tensor  # (B,) the depth bound from max_depth()
     cand_parent: torch.Tensor | None = None  # (B, C) node index (in ``tree``) of each candidate's parent, -1 = root
     partial_valid: Callable[[], torch.Tensor] | None = None  # ``tree.valid`` without building the tree
+    _valid: torch.Tensor | None = field(default=None, init=False, repr=False)  # partial_valid(), once read
 
     @property
     def tree(self) -> DraftTree:
@@ -64,7 +65,9 @@ class LevelContext:
         is not built, for a planner that keeps its own record of the nodes (the tree planner)."""
         if isinstance(self.partial, DraftTree) or self.partial_valid is None:
             return self.tree.valid
-        return self.partial_valid()
+        if self._valid is None:  # read twice a level (the record's check, then the level rule)
+            self._valid = self.partial_valid()
+        return self._valid
 
 
 @dataclass

@@ -54,7 +54,7 @@ def _plan_rows(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[torch.Tensor
         rw = self.config.row_ema
         for r, best_v in zip(ids, st.level_v.tolist()):
             self.first_value[r] = (1 - rw) * self.first_value.get(r, best_v) + rw * best_v
-    verify = st.verify.astype(f32)
+    verify = st.verify_f32()
     spent = f32(self._spent())
     have_n = st.chain_n
     base_tokens = f32(st.row_weight.sum()) + f32(st.chain_sum.sum())
@@ -106,7 +106,7 @@ def _plan_one_row(self: "AdaptivePlanner", ctx: LevelContext) -> tuple[torch.Ten
         r = int(ctx.step.row_ids[0]) if ctx.step.row_ids is not None else 0
         rw, best_v = self.config.row_ema, float(st.level_v[0])
         self.first_value[r] = (1 - rw) * self.first_value.get(r, best_v) + rw * best_v
-    verify = st.verify.astype(f32)
+    verify = st.verify_f32()
     spent = f32(self._spent())
     have = int(st.chain_n[0])
     base_tokens = f32(st.row_weight[0]) + f32(st.chain_sum[0])
@@ -187,6 +187,6 @@ def select_chain(self: "AdaptivePlanner", tree: DraftTree) -> torch.Tensor | Non
     # non-increasing as it clamps them, and chosen by the same exact per-width rule
     vals = np.minimum.accumulate(np.maximum(vals, np.float32(0)), axis=1)  # float32 in, float32 out
     n, _, t = best_prefix_np(vals, np.zeros(st.rows, dtype=np.int64), float(st.row_weight.sum()),
-                             st.verify.astype(np.float32), self._spent())
+                             st.verify_f32(), self._spent())
     self.predicted_time = float(t)
     return torch.from_numpy(np.arange(tree.width)[None, :] < n[:, None]) & tree.valid

@@ -75,13 +75,19 @@ class PlanStep:
     # candidates' path values until choose() commits them
     tree_levels: list | None = None
     level_nodes: np.ndarray | None = None
-    verify32: np.ndarray | None = None  # verify in float32 (the tree rules' copy)
+    verify32: np.ndarray | None = None  # verify in float32, once converted (see verify_f32)
     tree_joined: tuple | None = None  # tree_levels joined into (values, valid), until a level is added
     draft_widths: dict = dataclasses.field(default_factory=dict)  # width -> predicted seconds of a draft level
 
     def __post_init__(self) -> None:
         if self.row_weight is None:
             self.row_weight = np.ones(self.rows, dtype=np.float32)
+
+    def verify_f32(self) -> np.ndarray:
+        """``verify`` in float32, as the numpy rules price it: converted once a step, read at every level."""
+        if self.verify32 is None:
+            self.verify32 = self.verify.astype(np.float32)
+        return self.verify32
 
 
 class AdaptivePlanner(DraftPolicy):

@@ -200,7 +200,7 @@ def _plan_tree_rows(self: "AdaptivePlanner", ctx: LevelContext, v: np.ndarray, h
     values, ``have_n`` (B,) nodes so far per row, worth ``have_val`` in all)."""
     st = self._step
     b, c = v.shape
-    verify = _verify32(st)
+    verify = st.verify_f32()
     spent = F32(self._spent())  # draft time so far this step (catch-up + fed levels), the same for every option
     # for each verify width, every row's candidates that fit it are an option; pick the best width
     worth = F32(st.row_weight.sum())  # each row's bonus token
@@ -243,13 +243,6 @@ def _plan_tree_rows(self: "AdaptivePlanner", ctx: LevelContext, v: np.ndarray, h
     return n_add, n_exp
 
 
-def _verify32(st) -> np.ndarray:
-    """The step's verify curve in float32 (converted once a step, read at every level)."""
-    if st.verify32 is None:
-        st.verify32 = st.verify.astype(F32)
-    return st.verify32
-
-
 def _plan_tree_one_row(self: "AdaptivePlanner", ctx: LevelContext, v: np.ndarray, have_n: int, have_val: F32
                        ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`plan_tree_level` for one row after its common start (``v`` (1, C) weighted values,
@@ -258,7 +251,7 @@ def _plan_tree_one_row(self: "AdaptivePlanner", ctx: LevelContext, v: np.ndarray
     arrays measured ~0.13 ms a level in the decoding loop."""
     st = self._step
     c = v.shape[1]
-    verify = _verify32(st)
+    verify = st.verify_f32()
     spent = F32(self._spent())
     worth = F32(st.row_weight.sum())
     vals = v[0].tolist()
@@ -319,10 +312,10 @@ def select_tree(self: "AdaptivePlanner", tree: DraftTree) -> torch.Tensor | None
     st = self._step
     weighted = values * st.row_weight[:, None]
     if st.rows == 1:
-        keep, _, t = goodput_budget_one_row(weighted[0].tolist(), tree.valid[0].tolist(), _verify32(st),
+        keep, _, t = goodput_budget_one_row(weighted[0].tolist(), tree.valid[0].tolist(), st.verify_f32(),
                                             self._spent(), float(st.row_weight.sum()))
         self.predicted_time = t
         return torch.tensor([keep], dtype=torch.bool)
-    keep, _, t = goodput_budget_np(weighted, tree.valid.numpy(), _verify32(st), self._spent(), float(st.row_weight.sum()))
+    keep, _, t = goodput_budget_np(weighted, tree.valid.numpy(), st.verify_f32(), self._spent(), float(st.row_weight.sum()))
     self.predicted_time = t
     return torch.from_numpy(keep)
