@@ -251,3 +251,25 @@ def test_top_children_and_runners_up_have_their_own_calibration():
         mode.update(p, d, (~runner).float(), None, runner)
     pred = mode.predict(p[:2], d[:2], None, runner[:2])
     assert pred[0] > 0.8 and pred[1] < 0.1
+
+
+def test_chain_and_tree_planners_keep_their_own_draft_level_cost():
+    """Planners of one pair share its measured costs, but a draft level's measured seconds include
+    the planner's own per-step work, so a chain and a tree planner taking turns (a benchmark, a
+    notebook trying both) each price levels at their own figure, not the other's."""
+    from adaspec_hf.sim import ProfileCost, simulate, synthetic_trace
+
+    lat = steep_target_mild()
+    shared = ObservedCosts(min_count=1)
+    chain = AdaptivePlanner(lat, observed=shared)
+    tree = AdaptivePlanner(lat, observed=shared, tree=True, max_children=2)
+    assert (chain.cost_kind, tree.cost_kind) == ("chain", "tree")
+    bare = chain._draft_cost(1, 1, 10)
+    trace = synthetic_trace(1, 80, 0.8, seed=1)
+    simulate(tree, trace, ProfileCost(lat, level_extra=0.004))
+    tree_level = shared.draft_per_level(1, "tree")
+    assert tree_level is not None and shared.draft_per_level(1, "chain") is None
+    assert chain._draft_cost(1, 1, 10) == bare < tree._draft_cost(1, 1, 10)
+    simulate(chain, trace, ProfileCost(lat))
+    assert shared.draft_per_level(1, "tree") == tree_level
+    assert shared.draft_per_level(1, "chain") is not None and chain._draft_cost(1, 1, 10) < tree._draft_cost(1, 1, 10)

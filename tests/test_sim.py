@@ -465,3 +465,54 @@ def test_predict_one_equals_predict_np():
         got = np.asarray([m.predict_one(float(x), d) for x in p], dtype=np.float32)
         assert got.dtype == want.dtype and np.array_equal(got, want)
         assert np.array_equal(np.asarray(m.predict_list(p.tolist(), d), dtype=np.float32), want)
+
+
+def test_update_list_equals_update_np():
+    """The scalar calibration update is the array one, bit for bit: the same statistics after many
+    batches of nodes (probabilities at and beyond the ends, depths beyond the table, float targets)."""
+    from adaspec_hf.efficiency.acceptance import AcceptanceModel
+
+    rng = np.random.default_rng(11)
+    for depth_adjust in (True, False):
+        a, b = AcceptanceModel(depth_adjust=depth_adjust), AcceptanceModel(depth_adjust=depth_adjust)
+        for _ in range(200):
+            n = int(rng.integers(1, 12))
+            p = np.concatenate([rng.random(n - 1), rng.choice([0.0, 1.0, 1.2, -0.1, 0.1, 0.95], 1)]).astype(np.float32)
+            d = rng.integers(0, 20, n)
+            y = np.where(rng.random(n) < 0.5, rng.random(n), (rng.random(n) < p).astype(float)).astype(np.float32)
+            a.update_np(p, d, y)
+            b.update_list(p.tolist(), d.tolist(), y.tolist())
+            assert torch.equal(a.stats, b.stats) and a.seen == b.seen
+            assert np.array_equal(a.predict_np(p, 3), b.predict_np(p, 3))
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_one_row_learning_is_the_array_paths(monkeypatch, tree):
+    """At batch 1 the planner learns from a step on Python scalars: after every step of a run (top
+    children and runners-up, accepted and rejected), the calibrations, the row's rate and
+    calibration factor and the pair's running rate equal the array path's, bit for bit."""
+    from adaspec_hf.policies import learning
+
+    tr = runner_up_trace(1, 150, seed=31) if tree else synthetic_trace(1, 200, 0.7, seed=31)
+    lat = latency(ratio=20)
+    one_row = learning._learn_one_row
+    seen = {"steps": 0, "runners": 0}
+
+    def both(planner, outcome):
+        ref = copy.deepcopy(planner)
+        learning._learn_arrays(ref, outcome)
+        one_row(planner, outcome)
+        for kind in ("acceptance", "sibling", "lookup"):
+            got, want = getattr(planner.mode, kind), getattr(ref.mode, kind)
+            assert torch.equal(got.stats, want.stats) and got.seen == want.seen, kind
+        assert planner.mode.running_rate == ref.mode.running_rate
+        assert (planner._row_counts, planner._row_calib, planner.alpha) == (ref._row_counts, ref._row_calib, ref.alpha)
+        seen["steps"] += 1
+        seen["runners"] += int(planner.mode.sibling.seen > 0)
+
+    monkeypatch.setattr(learning, "_learn_one_row", both)
+    a = simulate(planner(lat, tree=tree), tr, ProfileCost(lat), batch=1)
+    monkeypatch.setattr(learning, "_learn_one_row", learning._learn_arrays)
+    b = simulate(planner(lat, tree=tree), tr, ProfileCost(lat), batch=1)
+    assert a.chosen == b.chosen and a.accepted == b.accepted and a.steps == b.steps
+    assert seen["steps"] > 30 and (seen["runners"] > 10 or not tree)  # not vacuous

@@ -108,7 +108,8 @@ class AcceptanceModel:
             D = self.max_depth + 1
             dy, dp = st[3 * B:3 * B + D], st[3 * B + D:]
             kd = self.depth_prior_strength
-            f = np.clip((dy + kd) / (dp + kd), *self.depth_bounds)
+            lo, hi = self.depth_bounds  # minimum/maximum: np.clip's dispatch costs more on short vectors
+            f = np.minimum(np.maximum((dy + kd) / (dp + kd), lo), hi)
         else:
             f = np.ones(1)
         return iso, f
@@ -120,8 +121,8 @@ class AcceptanceModel:
             iso, f = self.calibration()
             centers, grid = self._centers, self._grid
             # np.interp extends the end values: delta is constant beyond the outer bin centres
-            base = np.clip(grid + np.interp(grid, centers, iso - centers), 0.0, 1.0)
-            self._np_lut64 = np.concatenate([np.clip(base[None, :] * f[:, None], 0.0, 1.0), base[None, :]])
+            base = np.minimum(np.maximum(grid + np.interp(grid, centers, iso - centers), 0.0), 1.0)
+            self._np_lut64 = np.concatenate([np.minimum(np.maximum(base[None, :] * f[:, None], 0.0), 1.0), base[None, :]])
             self._np_lut = self._np_lut64.astype(np.float32)
             self._cpu_lut = None
             self._luts.clear()
@@ -224,22 +225,25 @@ class AcceptanceModel:
 
     def update_np(self, draft_prob: np.ndarray, depth: "np.ndarray | int", accepted: np.ndarray) -> None:
         """:meth:`update` on numpy arrays (1-D, or ``depth`` / ``accepted`` broadcastable)."""
-        # numpy on the CPU: a step verifies a handful of nodes, where torch's per-op cost dominates
-        p = np.clip(np.asarray(draft_prob, dtype=np.float64).reshape(-1), 0.0, 1.0)
+        # numpy on the CPU: a step verifies a handful of nodes, where torch's per-op cost dominates (and
+        # on so few elements np.clip and np.broadcast_to cost more than the arithmetic: a step calls this
+        # once per kind of node, between forwards that leave the CPU's caches cold)
+        p = np.minimum(np.maximum(np.asarray(draft_prob, dtype=np.float64).reshape(-1), 0.0), 1.0)
         n = p.size
         if n == 0:
             return
-        y = np.broadcast_to(np.asarray(accepted, dtype=np.float64), p.shape)
+        y = _as_shape(accepted, np.float64, p.shape)
         B, D = self.n_bins, self.max_depth + 1
         b = np.minimum((p * B).astype(np.int64), B - 1)
         if self.depth_adjust:
-            d = np.clip(np.broadcast_to(np.asarray(depth, dtype=np.int64), p.shape), 0, self.max_depth)
+            d = np.minimum(np.maximum(_as_shape(depth, np.int64, p.shape), 0), self.max_depth)
             # depth-free prediction under the calibration before this batch (honest residuals):
             # the last row of the lookup table
             lut = self._tables()[0][-1]
             u = p * self._res
             i0 = np.minimum(np.floor(u).astype(np.int64), self._res - 1)
-            base = lut[i0] + (u - i0) * (lut[i0 + 1] - lut[i0])
+            lo = lut[i0]
+            base = lo + (u - i0) * (lut[i0 + 1] - lo)
             idx = np.concatenate([b, b + B, b + 2 * B, d + 3 * B, d + 3 * B + D])
             wts = np.concatenate([np.ones_like(p), y, p, y, base])
         else:
@@ -249,6 +253,41 @@ class AcceptanceModel:
         if self.half_life:
             stats *= 0.5 ** (n / self.half_life)
         stats += np.bincount(idx, weights=wts, minlength=stats.size)
+        self.seen += n
+        self._cpu_lut = self._np_lut64 = None
+        self._n_total = None
+
+    def update_list(self, draft_prob: list[float], depth: list[int], accepted: list[float]) -> None:
+        """:meth:`update_np` for a handful of nodes given as Python lists (one row's tested nodes at
+        batch 1), with no numpy call per node: the same float64 operations in the same order, so the
+        same statistics bit for bit (``np.bincount`` sums each bin's weights in node order from 0,
+        then adds the sums to the decayed statistics; bins are disjoint per kind of statistic)."""
+        n = len(draft_prob)
+        if n == 0:
+            return
+        B, D, R = self.n_bins, self.max_depth + 1, self._res
+        sums: dict[int, float] = {}
+        p = [min(max(float(x), 0.0), 1.0) for x in draft_prob]
+        bins = [min(int(x * B), B - 1) for x in p]
+        parts = [(bins, [1.0] * n), ([b + B for b in bins], accepted), ([b + 2 * B for b in bins], p)]
+        if self.depth_adjust:
+            d = [min(max(int(x), 0), self.max_depth) for x in depth]
+            lut = self._tables()[0][-1].tolist()  # depth-free predictions before this batch, as update_np
+            base = []
+            for x in p:
+                u = x * R
+                i0 = min(math.floor(u), R - 1)
+                lo = lut[i0]
+                base.append(lo + (u - i0) * (lut[i0 + 1] - lo))
+            parts += [([k + 3 * B for k in d], accepted), ([k + 3 * B + D for k in d], base)]
+        for idx, wts in parts:
+            for i, w in zip(idx, wts):
+                sums[i] = sums.get(i, 0.0) + float(w)
+        stats = self.stats.numpy()  # shares memory with the tensor
+        if self.half_life:
+            stats *= 0.5 ** (n / self.half_life)
+        for i, v in sums.items():
+            stats[i] += v
         self.seen += n
         self._cpu_lut = self._np_lut64 = None
         self._n_total = None
@@ -288,6 +327,12 @@ class AcceptanceModel:
         m = cls()
         m.load_state_dict(state)
         return m
+
+
+def _as_shape(x, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """``x`` as a ``dtype`` array of ``shape``: broadcast only when it is not one already."""
+    a = np.asarray(x, dtype=dtype)
+    return a if a.shape == shape else np.broadcast_to(a, shape)
 
 
 def expected_calibration_error(pred: torch.Tensor, outcome: torch.Tensor, n_bins: int = 10) -> float:

@@ -35,22 +35,29 @@ class ObservedCosts:
     def __init__(self, ema: float = DEFAULT_COST_EMA, min_count: int = 1, confirm: int = DEFAULT_COST_CONFIRM):
         self.ema, self.min_count, self.confirm = ema, min_count, confirm
         self.table: dict[tuple[int, int], tuple[float, int]] = {}
-        # per rows: EMA of a drafting step's seconds per draft level (forward + drafter + policy work),
-        # which the profile's bare forwards underestimate several-fold on a CPU
-        self.draft_level: dict[int, float] = {}
-        self._draft_seen: dict[int, int] = {}
+        # per (rows, planner kind): EMA of a drafting step's seconds per draft level (forward + drafter +
+        # policy work), which the profile's bare forwards underestimate several-fold on a CPU. Per kind
+        # because that work is the planner's own: a tree planner's step (building and packing trees, a
+        # dearer level rule) costs more per level than a chain planner's, and planners of one pair that
+        # take turns (a benchmark, a notebook trying both) must not price their levels at each other's
+        self.draft_level: dict[tuple[int, str], float] = {}
+        self._draft_seen: dict[tuple[int, str], int] = {}
         self._factors: dict[int, np.ndarray] = {}  # per rows: factors(), kept up to date by add
 
-    def add_draft(self, rows: int, levels: int, seconds: float) -> None:
+    def add_draft(self, rows: int, levels: int, seconds: float, kind: str = "chain") -> None:
+        """A step of ``kind``'s planner ("chain" or "tree") drafted ``levels`` levels in ``seconds``."""
         if levels > 0 and seconds > 0 and math.isfinite(seconds):
-            prev = self.draft_level.get(rows)
+            key = (rows, kind)
+            prev = self.draft_level.get(key)
             per = seconds / levels
-            self.draft_level[rows] = per if prev is None else (1 - self.ema) * prev + self.ema * per
-            self._draft_seen[rows] = self._draft_seen.get(rows, 0) + 1
+            self.draft_level[key] = per if prev is None else (1 - self.ema) * prev + self.ema * per
+            self._draft_seen[key] = self._draft_seen.get(key, 0) + 1
 
-    def draft_per_level(self, rows: int) -> float | None:
-        """Measured seconds per draft level at ``rows``, once seen ``min_count`` times, else None."""
-        return self.draft_level.get(rows) if self._draft_seen.get(rows, 0) >= self.min_count else None
+    def draft_per_level(self, rows: int, kind: str = "chain") -> float | None:
+        """Measured seconds per draft level at ``rows`` by ``kind``'s planner, once seen ``min_count``
+        times, else None."""
+        key = (rows, kind)
+        return self.draft_level.get(key) if self._draft_seen.get(key, 0) >= self.min_count else None
 
     def add(self, rows: int, q: int, seconds: float, predicted: float) -> None:
         """One verify of ``q`` query tokens per row took ``seconds`` where ``predicted`` was expected."""
@@ -151,6 +158,19 @@ class ModeState:
                 model.update_np(draft_prob, depth, outcome)
             elif keep.any():
                 model.update_np(draft_prob[keep], depth[keep], outcome[keep])
+
+
+    def update_lists(self, draft_prob: list[float], depth: list[int], outcome: list[float],
+                     sibling: list[bool] | None = None) -> None:
+        """:meth:`update_np` for the few tested nodes of one row of draft-model nodes, as Python
+        lists (:meth:`AcceptanceModel.update_list`): the same statistics, bit for bit."""
+        if sibling is None or not any(sibling):
+            self.acceptance.update_list(draft_prob, depth, outcome)
+            return
+        for model, keep in ((self.sibling, sibling), (self.acceptance, [not s for s in sibling])):
+            if any(keep):
+                model.update_list([p for p, k in zip(draft_prob, keep) if k], [d for d, k in zip(depth, keep) if k],
+                                  [y for y, k in zip(outcome, keep) if k])
 
 
 @dataclass

@@ -115,6 +115,8 @@ class AdaptivePlanner(DraftPolicy):
         self.cap = self.depth_limit = self.config.max_depth
         self.max_children = self.config.max_children if tree else 1
         self.name = "adaptive-tree" if tree else "adaptive"
+        # whose measured per-level draft cost this planner reads and writes (ObservedCosts.add_draft)
+        self.cost_kind = "tree" if tree else "chain"
         self.probe_every = self.config.probe_every
         self.observed = observed if observed is not None else ObservedCosts(
             ema=self.config.cost_ema, confirm=self.config.cost_confirm)
@@ -161,7 +163,7 @@ class AdaptivePlanner(DraftPolicy):
         pair on a CPU, against a 0.9 ms forward: left out, the planner drafted deeper than paid).
         Added, not scaled: that work does not grow with the level's width."""
         bare = self.latency.draft_time(rows, max(tokens, 1.0), context)
-        seen = self.observed.draft_per_level(rows)
+        seen = self.observed.draft_per_level(rows, self.cost_kind)
         return bare + max(seen - self.latency.draft_time(rows, 1.0, context), 0.0) if seen else bare
 
     # ---------------------------------------------------------------- decisions
@@ -372,13 +374,13 @@ class AdaptivePlanner(DraftPolicy):
     def skip_draft(self, values: torch.Tensor, n_lookup: torch.Tensor) -> torch.Tensor | None:
         return skip_draft(self, values, n_lookup)
 
-    def _probe_paid(self, tree: DraftTree, outcome: StepOutcome) -> bool:
+    def _probe_paid(self, widest: int, outcome: StepOutcome) -> bool:
         """Did the probe's accepted tokens cover its predicted extra time (its draft levels and the
         wider verify)? Not "any token accepted": a 16-row probe verifies ~40 nodes, and even an
         unrelated draft gets one of them right, so at large batches the wait kept resetting and the
         probes cost a few percent of the time (simulated, random draft at 16 rows: 0.94x vanilla)."""
         rows = self._step.rows
-        probe = self._probe_time(self._step.probe, int(tree.valid.sum(1).max()))
+        probe = self._probe_time(self._step.probe, widest)
         return (rows + float(outcome.n_accepted.sum())) / probe >= rows / self._probe_time(0, 0)
 
     def _probe_time(self, levels: int, nodes: int) -> float:
@@ -391,20 +393,23 @@ class AdaptivePlanner(DraftPolicy):
         tree = outcome.tree
         st = self._step
         self.idle_steps = 0 if tree.width else self.idle_steps + 1
+        widest = 0  # verified nodes of the widest row (the verify's width)
         if not tree.width:
             self.chosen.append(0.0)
         if tree.width:
             learn_acceptance(self, outcome)
-            self.chosen.append(float(tree.valid.sum(1).float().mean()))
+            counts = tree.valid.sum(1).tolist()  # once: the statistics and the verify's width read it
+            widest = max(counts)
+            self.chosen.append(sum(counts) / len(counts))
         if st is not None and tree.width:
             # a probe that did not pay doubles the wait for the next one; one that did resets it
-            paid = not st.probe or self._probe_paid(tree, outcome)
+            paid = not st.probe or self._probe_paid(widest, outcome)
             self.probe_gap = self.probe_every if paid else min(2 * self.probe_gap, PROBE_MAX_GAP)
         if len(self.chosen) > CHOSEN_HISTORY:
             del self.chosen[: len(self.chosen) - CHOSEN_HISTORY // 4]
         if st is not None:
-            q = 1 + (int(tree.valid.sum(1).max()) if tree.width else 0)
+            q = 1 + widest
             predicted = self.latency.target_time(st.rows, q, st.context)  # before this step corrects it
             self.latency.observe("target", st.rows, q, st.context, outcome.verify_time)
             self.observed.add(st.rows, q, outcome.verify_time, predicted)
-            self.observed.add_draft(st.rows, st.draft_levels + 1 if tree.width else 0, outcome.draft_time)
+            self.observed.add_draft(st.rows, st.draft_levels + 1 if tree.width else 0, outcome.draft_time, self.cost_kind)
