@@ -2,11 +2,13 @@
 
 The end-to-end benchmark says *that* adaptive is slower or faster than a static length; this one says
 *why*, from the per-step records every run keeps (``target.adaspec_stats.steps``). Methods take turns
-on every prompt in a rotated order, repeat after repeat, so a drift of the machine's speed falls on
-all of them alike; each figure is a mean per ``generate`` call (batch 1).
+on every batch in a rotated order, repeat after repeat, so a drift of the machine's speed falls on
+all of them alike; each figure is a mean per ``generate`` call (batch 1 unless ``--batch-size``: then
+``--n-prompts`` prompts make left-padded batches of that many rows).
 
     python benchmarks/step_breakdown.py                       # static-5 vs adaptive, greedy
     python benchmarks/step_breakdown.py --methods static-2,adaptive --sample
+    python benchmarks/step_breakdown.py --batch-size 8 --n-prompts 16 --methods static-3,adaptive
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from adaspec_hf.bench.harness import machine_info, open_pair, pair_arguments
+from adaspec_hf.bench.harness import batches_of, machine_info, open_pair, pair_arguments
 from adaspec_hf.bench.prompts import load_prompt_ids
 from adaspec_hf.integrations.hf.generate import adaptive_generate
 from adaspec_hf.machine import load_average
@@ -31,11 +33,10 @@ def per_call(c: str) -> str:
     return f"{c}_ms_per_{'level' if c == 'choose' else 'step'}"
 
 
-def one_call(target, draft, ids: list[int], policy: str, gen_kw: dict) -> dict[str, float]:
-    x = torch.tensor([ids])
+def one_call(target, draft, batch: tuple[torch.Tensor, torch.Tensor], policy: str, gen_kw: dict) -> dict[str, float]:
+    x, mask = batch
     t0 = time.perf_counter()
-    adaptive_generate(target, input_ids=x, attention_mask=torch.ones_like(x), assistant_model=draft,
-                      draft_policy=policy, **gen_kw)
+    adaptive_generate(target, input_ids=x, attention_mask=mask, assistant_model=draft, draft_policy=policy, **gen_kw)
     total = time.perf_counter() - t0
     stats = target.adaspec_stats
     steps = stats.steps
@@ -59,27 +60,30 @@ def main() -> None:
     ap.add_argument("--n-prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=1, help="rows per call (--n-prompts must be a multiple)")
     ap.add_argument("--sample", action="store_true", help="sample (at --temperature) instead of greedy")
     ap.add_argument("--temperature", type=float, default=0.7)
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or args.repeats < 1 or args.n_prompts < 1:
         ap.error("need at least one method, one prompt and one repeat")
+    if args.batch_size < 1 or args.n_prompts % args.batch_size:
+        ap.error(f"--n-prompts ({args.n_prompts}) must be a positive multiple of --batch-size ({args.batch_size})")
     load = load_average()
     target, draft, tok = open_pair(args)
-    prompts = load_prompt_ids(tok, args.n_prompts)
-    gen_kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
+    batches = batches_of(load_prompt_ids(tok, args.n_prompts), args.batch_size, tok.pad_token_id)
+    gen_kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, pad_token_id=tok.pad_token_id)
     if args.sample:  # plain temperature sampling, as benchmarks/adaptive.py (no top-k / top-p from the model's config)
         gen_kw.update(temperature=args.temperature, top_k=0, top_p=1.0)
     for m in methods:  # warm-up: the pair's state (calibration, costs) as a session's later calls see it
-        one_call(target, draft, prompts[0], m, gen_kw)
+        one_call(target, draft, batches[0], m, gen_kw)
     sums = {m: dict.fromkeys(FIELDS + tuple(f"{c}_ms" for c in CALLS), 0.0) for m in methods}
     calls = 0
     for r in range(args.repeats):
-        for i, ids in enumerate(prompts):
+        for i, batch in enumerate(batches):
             shift = (r + i) % len(methods)
             for m in methods[shift:] + methods[:shift]:
-                for k, v in one_call(target, draft, ids, m, gen_kw).items():
+                for k, v in one_call(target, draft, batch, m, gen_kw).items():
                     sums[m][k] += v
             calls += 1
     rows = {}
@@ -95,7 +99,7 @@ def main() -> None:
         rows[m] = {k: round(v, 4) for k, v in mean.items()}
     cols = ("tokens_per_s", "total_ms", "steps", "draft_ms", "verify_ms", "decision_ms", "outside_steps_ms", "draft_levels",
             "accepted", "draft_ms_per_level", "decision_ms_per_step")
-    print(f"per call, mean of {calls} calls each (batch 1, {'T=%g' % args.temperature if args.sample else 'greedy'}; "
+    print(f"per call, mean of {calls} calls each (batch {args.batch_size}, {'T=%g' % args.temperature if args.sample else 'greedy'}; "
           f"load average {load} at the start)")
     print(f"{'method':<14}" + "".join(f"{c:>20}" for c in cols))
     for m, row in rows.items():
@@ -108,6 +112,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "step_breakdown_sampling" if args.sample else "step_breakdown_greedy"
+    if args.batch_size > 1:
+        name += f"_b{args.batch_size}"
     result = {"machine": machine_info(), "load_average": load, "args": vars(args), "calls_per_method": calls,
               "rows": rows}
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
