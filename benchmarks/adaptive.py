@@ -29,17 +29,25 @@ def main() -> None:
     ap.add_argument("--n-prompts", type=int, default=4, help="prompts per batch-1 run")
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches-per-size", type=int, default=1,
+                    help="section B: batches of different prompts per batch size (one batch is one set of "
+                         "prompts, whose own ease decides which static k wins; needs sizes x this many prompts)")
     ap.add_argument("--sections", default="A,B,C")
     ap.add_argument("--modes", default="greedy,sampling", help="section A: greedy, sampling (T=0.7) or both")
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - {"greedy", "sampling"}:
         ap.error(f"--modes takes greedy and/or sampling, got {args.modes!r}")
+    if args.batches_per_size < 1:
+        ap.error(f"--batches-per-size must be >= 1, got {args.batches_per_size}")
 
     target, draft, tok = open_pair(args)
     enable(target)
-    n_all = max(int(b) for b in args.batch_sizes.split(","))
+    n_all = max(max(int(b) for b in args.batch_sizes.split(",")) * args.batches_per_size, args.n_prompts)
     prompts = load_prompt_ids(tok, n_all) if args.target is None else default_text_prompts(tok, n_all)
+    if "B" in args.sections.split(",") and len(prompts) < n_all:
+        ap.error(f"section B needs {n_all} prompts (largest batch size x --batches-per-size), the pair has "
+                 f"{len(prompts)}")
     common = dict(max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=0,
                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     # one global warm-up (also takes the latency profile if none is cached yet)
@@ -77,7 +85,7 @@ def main() -> None:
     if "B" in sections:
         sizes = [int(b) for b in args.batch_sizes.split(",")]
         res = run_benchmark("adaptive_batch_sweep", target, draft, prompts, ["vanilla", *STATIC[:4], "static-6",
-                            "static-8", *OURS], batch_sizes=sizes, n_batches=1, **common)
+                            "static-8", *OURS], batch_sizes=sizes, n_batches=args.batches_per_size, **common)
         rows = {(r.method, r.batch): r for r in res.rows}
         sweep = {}
         for b in sizes:
