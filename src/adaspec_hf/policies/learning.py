@@ -13,11 +13,11 @@ import numpy as np
 
 from adaspec_hf.core.context import StepOutcome
 from adaspec_hf.core.tree import top_among_siblings_np
-from adaspec_hf.efficiency.acceptance import _F32_0
 
 if TYPE_CHECKING:
     from adaspec_hf.policies.planner import AdaptivePlanner
 
+_ZERO = np.float32(0.0)  # a node outside the sum, as np.where(model, pred, 0) leaves it
 ROW_PRIOR_NODES = 4.0  # pseudo-nodes at the pair's rate a new row starts with (a few steps of its own outweigh them)
 
 
@@ -98,7 +98,7 @@ def _learn_one_row(planner: "AdaptivePlanner", outcome: StepOutcome) -> None:
         runner = [best[k] != i for i, k in enumerate(keys)]
     mode = planner.mode
     model = tested if runner is None else [t and not r for t, r in zip(tested, runner)]
-    pred = [mode.acceptance.predict_one(p, max(d, 1)) if m else _F32_0 for p, d, m in zip(prob, depth, model)]
+    pred = [mode.acceptance.predict_one(p, max(d, 1)) if m else _ZERO for p, d, m in zip(prob, depth, model)]
     predicted = float(np.asarray([pred], dtype=np.float32).sum(1)[0])
     got = float(np.asarray([[v if m else 0.0 for v, m in zip(y, model)]], dtype=np.float32).sum(1)[0])
     idx = [i for i, t in enumerate(tested) if t]
