@@ -83,9 +83,10 @@ def test_too_few_prompts_for_the_batch_size(models):
         harness.run_benchmark("t", target, draft, PROMPTS[:1], ["vanilla"], batch_sizes=(2,), progress=False)
 
 
-def test_serving_run_reports_attainment_and_goodput_per_slo_class(tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine_thread", [False, True])
+def test_serving_run_reports_attainment_and_goodput_per_slo_class(tmp_path, monkeypatch, engine_thread):
     """A class whose TPOT objective cannot be met has attainment 0 and goodput 0; a class without
-    objectives has every finished request counted."""
+    objectives has every finished request counted; the same whichever thread steps the engine."""
     monkeypatch.setenv("ADASPEC_HF_CACHE", str(tmp_path))
     from adaspec_hf import SLO
     from adaspec_hf.bench.serving import ServingBenchResult, run_system
@@ -96,7 +97,8 @@ def test_serving_run_reports_attainment_and_goodput_per_slo_class(tmp_path, monk
     reqs = [WorkloadRequest(i, 0.0, [5 + i, 9, 14, 3], 8, cls, SLO(tpot_ms=1e-6) if cls == "tight" else None)
             for i, cls in enumerate(["tight", "loose", "tight", "loose"])]
     out = run_system("static-2", target, draft, None, Workload(reqs, rate=1.0, arrival="poisson", seed=0),
-                     warmup=1, policy=StaticChain(2))["metrics"]
+                     warmup=1, policy=StaticChain(2), engine_thread=engine_thread)["metrics"]
+    assert out["finished"] == 4
     assert out["attainment_by_class"] == {"tight": 0.0, "loose": 1.0}
     assert out["goodput_by_class"]["tight"] == 0.0 and out["goodput_by_class"]["loose"] > 0
     res = ServingBenchResult("t", {}, rows=[out])

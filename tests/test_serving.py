@@ -618,3 +618,70 @@ def test_dropped_engine_stops_its_thread():
     gc.collect()
     thread.join(30)
     assert not thread.is_alive()
+
+
+def test_run_drives_the_step_loop_in_the_calling_thread():
+    """Engine(start=False).run(): the caller's thread steps while another submits; outputs are the
+    target's own, close() from the client ends run(), and the engine refuses a second loop."""
+    target, draft = pair("llama")
+    prompts = make_prompts(4, 71)
+    engine = Engine(target, draft, policy=StaticChain(2), max_rows=3, seed=0, start=False)
+    got, stepped_by = {}, set()
+    step = engine._batch.step
+
+    def spy():  # which thread runs the steps
+        stepped_by.add(threading.current_thread().name)
+        return step()
+    engine._batch.step = spy
+
+    def client():
+        handles = [engine.submit(p, max_new_tokens=6) for p in prompts]
+        for i, h in enumerate(handles):
+            got[i] = h.result(timeout=60).token_ids
+        engine.close()
+
+    th = threading.Thread(target=client, name="client")
+    th.start()
+    engine.run()  # returns once the client closes the engine
+    th.join(timeout=60)
+    assert not th.is_alive()
+    assert stepped_by == {threading.current_thread().name}
+    assert [got[i] for i in range(len(prompts))] == [reference(p, 6) for p in prompts]
+    assert engine.released
+    with pytest.raises(EngineClosed):
+        engine.run()
+    with pytest.raises(RuntimeError, match="run"):
+        engine.start()
+
+    running = Engine(target, draft, policy=StaticChain(1), seed=0)
+    try:
+        with pytest.raises(RuntimeError, match="own thread"):
+            running.run()
+    finally:
+        running.close()
+
+
+def test_close_without_drain_stops_a_running_run_loop():
+    target, draft = pair("llama")
+    engine = Engine(target, draft, policy=StaticChain(0), max_rows=1, seed=0, start=False)
+    h = engine.submit(make_prompts(1, 72)[0], max_new_tokens=400, eos_token_id=[])
+    closer = threading.Timer(0.5, lambda: engine.close(drain=False))
+    closer.start()
+    engine.run()
+    closer.join()
+    assert h.result(timeout=10).finish_reason in ("cancelled", "length")
+
+
+def test_the_serving_example_runs_offline(tmp_path):
+    """examples/serving.py (tiny random models when no pair is built) checks its own outputs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    env = dict(os.environ, ADASPEC_HF_CACHE=str(tmp_path), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "serving.py"], cwd=examples, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "every output equals target.generate" in done.stdout

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,36 +105,57 @@ def make_system_policy(name: str, target, draft):
 
 
 def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max_rows: int = 8,
-               warmup: int = 4, drain_timeout: float = 15.0, seed: int = 0, policy=None) -> dict:
-    """Replay ``workload`` in real time on a fresh engine; return metrics and per-request records."""
+               warmup: int = 4, drain_timeout: float = 15.0, seed: int = 0, policy=None,
+               engine_thread: bool = False) -> dict:
+    """Replay ``workload`` in real time on a fresh engine; return metrics and per-request records.
+
+    The engine's step loop runs in this (the main) thread (:meth:`Engine.run`) and a client thread
+    replays the arrivals, as a CPU deployment should run it; ``engine_thread=True``: the engine's own
+    background thread steps instead (slower on a CPU: see :meth:`Engine.run`)."""
     from adaspec_hf.serving.engine import Engine
 
     policy = policy if policy is not None else make_system_policy(system, target, draft)
     latency = policy.latency
     if latency is None:  # every system gets the same latency-model-based admission
         latency = fresh_state(target, draft).latency
-    engine = Engine(target, draft, tokenizer, policy, max_rows=max_rows, seed=seed, latency=latency)
-    try:
-        warm = [engine.submit(r.prompt_ids, max_new_tokens=min(16, r.max_new_tokens))
-                for r in workload.requests[:warmup]]
-        for h in warm:
-            h.result()
-        n_steps0 = engine.stats.target_forwards  # counts every step (stats.steps keeps the last STEP_HISTORY)
-        handles = []
-        t0 = time.perf_counter()
-        for r in workload.requests:
-            delay = t0 + r.arrival - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            handles.append((r, engine.submit(r.prompt_ids, max_new_tokens=r.max_new_tokens, slo=r.slo)))
-        deadline = t0 + workload.duration + drain_timeout
-        for _, h in handles:
-            try:
-                h.result(timeout=max(deadline - time.perf_counter(), 0.0))
-            except TimeoutError:
-                pass
-    finally:
-        engine.close(drain=False)
+    engine = Engine(target, draft, tokenizer, policy, max_rows=max_rows, seed=seed, latency=latency,
+                    start=engine_thread)
+    box: dict = {"handles": [], "t0": time.perf_counter(), "n_steps0": 0}
+
+    def client() -> None:
+        try:
+            warm = [engine.submit(r.prompt_ids, max_new_tokens=min(16, r.max_new_tokens))
+                    for r in workload.requests[:warmup]]
+            for h in warm:
+                h.result()
+            box["n_steps0"] = engine.stats.target_forwards  # counts every step (stats.steps keeps the last STEP_HISTORY)
+            box["t0"] = t0 = time.perf_counter()
+            for r in workload.requests:
+                delay = t0 + r.arrival - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                box["handles"].append((r, engine.submit(r.prompt_ids, max_new_tokens=r.max_new_tokens, slo=r.slo)))
+            deadline = t0 + workload.duration + drain_timeout
+            for _, h in box["handles"]:
+                try:
+                    h.result(timeout=max(deadline - time.perf_counter(), 0.0))
+                except TimeoutError:
+                    pass
+        except BaseException as e:  # noqa: BLE001 - reported by the caller below
+            box["error"] = e
+        finally:
+            engine.close(drain=False)
+
+    if engine_thread:
+        client()
+    else:
+        feeder = threading.Thread(target=client, name="serving-client", daemon=True)
+        feeder.start()
+        engine.run()
+        feeder.join()
+    if "error" in box:
+        raise box["error"]
+    handles, t0, n_steps0 = box["handles"], box["t0"], box["n_steps0"]
     new_steps = min(engine.stats.target_forwards - n_steps0, len(engine.stats.steps))
     steps = engine.stats.steps[len(engine.stats.steps) - new_steps:]
     records, ttft, tpot, new, met = [], [], [], [], []
@@ -262,6 +284,7 @@ def run_serving_benchmark(
     name: str = "serving",
     progress: bool = True,
     extra_config: dict | None = None,
+    engine_thread: bool = False,
 ) -> ServingBenchResult:
     """Calibrate, build one seeded workload per rate, replay it for every system; see the module doc."""
     # one workload template to calibrate on (same prompts / lengths as the real ones)
@@ -277,6 +300,7 @@ def run_serving_benchmark(
     config = {
         "systems": list(systems), "rates": rates, "duration_s": duration, "arrival": arrival,
         "cv": cv if arrival == "gamma" else None, "output_len": output_len, "max_rows": max_rows, "seed": seed,
+        "step_loop": "engine thread" if engine_thread else "main thread (Engine.run)",
         "calibration": {k: round(v, 5) for k, v in asdict(cal).items()},
         "slo_classes": [asdict(c) for c in classes], "machine": machine_info(), "load_before": load_averages(),
         "target_params": sum(p.numel() for p in target.parameters()),
@@ -294,7 +318,7 @@ def run_serving_benchmark(
         for system in systems:
             t0 = time.perf_counter()
             out = run_system(system, target, draft, tokenizer, wl, max_rows=max_rows, warmup=warmup,
-                             drain_timeout=drain_timeout, seed=seed)
+                             drain_timeout=drain_timeout, seed=seed, engine_thread=engine_thread)
             m = out["metrics"]
             m["load"] = load_averages()
             result.rows.append(m)

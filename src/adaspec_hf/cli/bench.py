@@ -91,6 +91,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-thread", action="store_true",
+                   help="step the engine on its own background thread (default: in the main thread, Engine.run, "
+                        "with arrivals replayed from a client thread; on a CPU the background loop runs slower)")
     p.add_argument("--name", default="serving")
     p.add_argument("--out", default=str(RESULTS_DIR))
 
@@ -126,6 +129,7 @@ def serve_cli(args: argparse.Namespace) -> int:
         output_len=_parse_output_len(args.output_len), tight=args.tight, loose=args.loose,
         tight_fraction=args.tight_fraction, ttft_scale=args.ttft_scale, max_rows=args.max_rows,
         warmup=args.warmup, drain_timeout=args.drain_timeout, seed=args.seed, name=args.name,
+        engine_thread=args.engine_thread,
         extra_config={"command": " ".join(["adaspec-hf bench serve"] + sys.argv[3:]) if sys.argv[1:2] == ["bench"]
                       else " ".join(sys.argv), "threads": torch.get_num_threads(),
                       "pair_dir": args.pair_dir, "target": args.target, "draft": args.draft},

@@ -8,7 +8,9 @@
             print(chunk.text, end="")
         print(h.result().tpot, h.result().slo_met)
 
-A background thread runs the step loop until :meth:`Engine.close` (or until the engine is dropped).
+A background thread runs the step loop until :meth:`Engine.close` (or until the engine is dropped);
+``Engine(..., start=False)`` then :meth:`Engine.run` runs it in the calling thread instead (faster on
+a CPU, see there), while other threads submit.
 Faults stay with their request or step (:mod:`adaspec_hf.serving.batch`): every handle resolves.
 Queued requests join earliest TTFT deadline first, and into a running batch only while no running
 request's TPOT objective is put at risk (:mod:`adaspec_hf.serving.admission`). Each step is the
@@ -111,6 +113,7 @@ class Engine:
                             best_effort_wait_s=best_effort_wait_s, prompt_lookup=prompt_lookup)
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self._released = False
+        self._inline: threading.Event | None = None  # set while run() is the step loop; its end is signalled
         self.policy = make_policy(policy if isinstance(policy, DraftPolicy) else cfg.policy, target, draft,
                                   config=cfg.adaptive)
         claim_policy(self.policy, self)  # before reset(): never disturb another engine's policy
@@ -216,6 +219,9 @@ class Engine:
             self._wake.notify_all()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        elif self._inline is not None:  # run() is the loop, in some thread: it stops, then it is done
+            if threading.current_thread() is not self._inline_thread:
+                self._inline.wait(timeout)
         elif not self._thread.is_alive() and not self._thread.ident:
             self._cancel_incoming()  # the loop never started
             self._released = True
@@ -225,13 +231,48 @@ class Engine:
         with self._lock:
             if self._thread.is_alive():
                 return
+            if self._inline is not None:
+                raise RuntimeError("the step loop already runs in a caller's thread (Engine.run)")
             if self._closing or self._thread.ident is not None:
                 raise EngineClosed("the engine is closed; create a new Engine")
             self._thread.start()
 
+    def run(self) -> None:
+        """Run the step loop in the calling thread until :meth:`close` (from another thread, or a
+        Ctrl-C here): for ``Engine(..., start=False)``, while other threads submit and read results.
+
+        Why: on a CPU, PyTorch's OpenMP runtime (libgomp) runs the forwards of a second thread
+        throttled once the main thread has its own pool (it has, once it loaded a model or ran any
+        forward): on this project's 2-core reference machine the same 4 requests took 1.2-1.7x as
+        long stepped by the background thread as in the main thread, and in the serving benchmark
+        no speculation's TPOT went from 104.7 ms to 47.7 ms (0.99 req/s). Run the engine here from
+        the main thread (e.g. a script or server whose request handlers live on other threads)."""
+        with self._lock:
+            if self._thread.ident is not None:
+                raise RuntimeError("the step loop already runs in the engine's own thread; create the "
+                                   "Engine with start=False to run it in this thread")
+            if self._closing and self._released:
+                raise EngineClosed("the engine is closed; create a new Engine")
+            if self._inline is not None:
+                raise RuntimeError("Engine.run() is already running")
+            self._inline, self._inline_thread = threading.Event(), threading.current_thread()
+        try:
+            while True:
+                state = self._tick()
+                if state == "stop":
+                    return
+                if state == "idle":
+                    with self._wake:
+                        if self._idle_locked():
+                            self._wake.wait(timeout=IDLE_POLL_S)
+        finally:
+            self._released = True  # the policy may serve another engine
+            self._inline.set()
+
     @property
     def closed(self) -> bool:
-        return self._closing and not self._thread.is_alive()
+        inline_done = self._inline is None or self._inline.is_set()
+        return self._closing and not self._thread.is_alive() and inline_done
 
     @property
     def released(self) -> bool:
