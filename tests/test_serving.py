@@ -685,3 +685,19 @@ def test_the_serving_example_runs_offline(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "every output equals target.generate" in done.stdout
+
+
+def test_a_background_loop_on_a_cpu_is_noted_once(caplog, monkeypatch):
+    import logging
+
+    from adaspec_hf.serving import engine as engine_mod
+
+    target, draft = pair("llama")
+    monkeypatch.setattr(engine_mod, "_told_about_threads", False)
+    with caplog.at_level(logging.INFO, logger="adaspec_hf"):
+        for _ in range(2):
+            Engine(target, draft, policy=StaticChain(1), seed=0).close()
+        idle = Engine(target, draft, policy=StaticChain(1), seed=0, start=False)
+        idle.close()
+    notes = [r for r in caplog.records if "Engine(..., start=False).run()" in r.getMessage()]
+    assert len(notes) == 1

@@ -54,6 +54,7 @@ __all__ = ["Chunk", "Engine", "EngineClosed", "RequestHandle", "RequestResult", 
 
 STEP_HISTORY = 4096  # step records an engine keeps (totals count every step); bounded memory
 IDLE_POLL_S = 0.1  # an idle step loop re-checks for work (and for its engine being dropped) this often
+_told_about_threads = False  # the background-loop-on-CPU note is logged once per process
 
 
 def _engine_thread(ref: "weakref.ref[Engine]") -> None:
@@ -74,6 +75,16 @@ def _engine_thread(ref: "weakref.ref[Engine]") -> None:
                     engine = None
                     wake.wait(timeout=IDLE_POLL_S)
         engine = None
+
+
+def _note_background_loop(device: torch.device) -> None:
+    """Say once that on a CPU the background loop is the slower way to step (see Engine.run)."""
+    global _told_about_threads
+    if device.type == "cpu" and not _told_about_threads:
+        _told_about_threads = True
+        logger.info("adaspec engine: stepping on a background thread; on a CPU this runs 1.2-1.7x slower "
+                    "than in the thread that loaded the model (OpenMP); Engine(..., start=False).run() "
+                    "steps in the calling thread")
 
 
 def _wake_up(cond: threading.Condition) -> None:
@@ -149,6 +160,7 @@ class Engine:
                                         daemon=True)
         weakref.finalize(self, _wake_up, self._wake)  # dropped without close(): the idle loop wakes, ends
         if start:
+            _note_background_loop(self.device)
             self._thread.start()
 
     # ------------------------------------------------------------------------------ public API
@@ -235,6 +247,7 @@ class Engine:
                 raise RuntimeError("the step loop already runs in a caller's thread (Engine.run)")
             if self._closing or self._thread.ident is not None:
                 raise EngineClosed("the engine is closed; create a new Engine")
+            _note_background_loop(self.device)
             self._thread.start()
 
     def run(self) -> None:
