@@ -140,3 +140,18 @@ def synthetic_profile(kink: bool = True):
         pts.append([r, t, c, s])
     draft = [[r, t, c, s / 10] for r, t, c, s in pts]
     return Profile(key={}, target=pts, draft=draft, overhead=2e-4)
+
+
+def run_example(script: str, cache_dir) -> str:
+    """Run ``examples/<script>`` offline (a fresh cache: no built pair, so tiny random models) and
+    return its stdout; fails with the script's stderr if it exits non-zero."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    env = dict(os.environ, ADASPEC_HF_CACHE=str(cache_dir), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, script], cwd=examples, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

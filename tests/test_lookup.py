@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import conftest
+
 import adaspec_hf
 from adaspec_hf import Engine
 from adaspec_hf.core import CombinedProposer, DraftModelProposer, LookupProposer, SpeculativeDecoder
@@ -353,14 +355,5 @@ def test_planner_skips_the_draft_where_the_lookup_is_the_better_buy():
 
 def test_the_example_runs_offline(tmp_path):
     """examples/prompt_lookup.py (tiny random models when no pair is built) checks its own outputs."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    examples = Path(__file__).resolve().parents[1] / "examples"
-    env = dict(os.environ, ADASPEC_HF_CACHE=str(tmp_path), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "prompt_lookup.py"], cwd=examples, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "lookup alone" in done.stdout and "static-10" in done.stdout
+    out = conftest.run_example("prompt_lookup.py", tmp_path)
+    assert "lookup alone" in out and "static-10" in out

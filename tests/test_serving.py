@@ -674,17 +674,7 @@ def test_close_without_drain_stops_a_running_run_loop():
 
 def test_the_serving_example_runs_offline(tmp_path):
     """examples/serving.py (tiny random models when no pair is built) checks its own outputs."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    examples = Path(__file__).resolve().parents[1] / "examples"
-    env = dict(os.environ, ADASPEC_HF_CACHE=str(tmp_path), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "serving.py"], cwd=examples, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "every output equals target.generate" in done.stdout
+    assert "every output equals target.generate" in conftest.run_example("serving.py", tmp_path)
 
 
 def test_a_background_loop_on_a_cpu_is_noted_once(caplog, monkeypatch):
