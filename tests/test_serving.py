@@ -691,3 +691,23 @@ def test_a_background_loop_on_a_cpu_is_noted_once(caplog, monkeypatch):
         idle.close()
     notes = [r for r in caplog.records if "Engine(..., start=False).run()" in r.getMessage()]
     assert len(notes) == 1
+
+
+def test_an_interrupt_in_run_resolves_every_handle_then_propagates():
+    target, draft = pair("llama")
+    engine = Engine(target, draft, policy=StaticChain(1), max_rows=2, seed=0, start=False)
+    handles = [engine.submit(p, max_new_tokens=50, eos_token_id=[]) for p in make_prompts(3, 73)]
+    step, calls = engine._batch.step, []
+
+    def interrupted_step():  # the third step is interrupted, as a Ctrl-C in the calling thread would be
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+    engine._batch.step = interrupted_step
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    for h in handles:
+        with pytest.raises(EngineClosed):
+            h.result(timeout=10)
+    assert engine.released

@@ -251,8 +251,9 @@ class Engine:
             self._thread.start()
 
     def run(self) -> None:
-        """Run the step loop in the calling thread until :meth:`close` (from another thread, or a
-        Ctrl-C here): for ``Engine(..., start=False)``, while other threads submit and read results.
+        """Run the step loop in the calling thread until :meth:`close` (from another thread): for
+        ``Engine(..., start=False)``, while other threads submit and read results. A Ctrl-C here
+        resolves every handle (:class:`EngineClosed`) and then propagates.
 
         Why: on a CPU, PyTorch's OpenMP runtime (libgomp) runs the forwards of a second thread
         throttled once the main thread has its own pool (it has, once it loaded a model or ran any
@@ -273,6 +274,8 @@ class Engine:
             while True:
                 state = self._tick()
                 if state == "stop":
+                    if self._dead is not None and not isinstance(self._dead, Exception):
+                        raise self._dead  # a Ctrl-C (or SystemExit) here: every handle has resolved, now stop
                     return
                 if state == "idle":
                     with self._wake:
