@@ -125,6 +125,7 @@ class Engine:
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self._released = False
         self._inline: threading.Event | None = None  # set while run() is the step loop; its end is signalled
+        self._inline_thread: threading.Thread | None = None  # the thread run() steps in
         self.policy = make_policy(policy if isinstance(policy, DraftPolicy) else cfg.policy, target, draft,
                                   config=cfg.adaptive)
         claim_policy(self.policy, self)  # before reset(): never disturb another engine's policy
