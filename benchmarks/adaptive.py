@@ -2,9 +2,12 @@
 
 Sections (one run, one machine, side by side):
   A. batch 1, greedy and sampling (T=0.7): vanilla, HF assisted (defaults; heuristic schedule),
-     static k = 1..8, heuristic, confidence, smartspec, static trees, adaptive (chain), adaptive-tree.
+     static k = 1..8, heuristic, confidence, smartspec, static trees, adaptive (the default: chains
+     when greedy, trees when sampling) and the planner's other shape (adaptive-tree greedy,
+     adaptive-chain sampling).
   B. batch 1..32 greedy: vanilla, static k (best per batch size), adaptive, adaptive-tree.
-  C. chain vs tree under load, sampling (T=0.7) at batch 4 and 16.
+  C. chain vs tree under load, sampling (T=0.7) at --sampling-batch-sizes (default 4 and 16):
+     adaptive (trees) vs adaptive-chain.
 
     python benchmarks/adaptive.py                 # built-in pair; results in benchmarks/results/
     python benchmarks/adaptive.py --target ID --draft ID
@@ -20,7 +23,13 @@ from adaspec_hf.bench.prompts import default_text_prompts, load_prompt_ids
 
 STATIC = [f"static-{k}" for k in range(1, 9)]
 TREES = ["tree-4x2", "tree-3x3"]
-OURS = ["adaptive", "adaptive-tree"]
+OURS = ["adaptive", "adaptive-tree"]  # greedy: the default plans chains; its other shape is the tree planner
+OURS_SAMPLING = ["adaptive", "adaptive-chain"]  # sampling: the default plans trees; its other shape is chains
+
+
+def shapes(mode: str) -> tuple[str, str]:
+    """(tree method, chain method) of a mode's run: the default ``adaptive`` is one of the two."""
+    return ("adaptive", "adaptive-chain") if mode == "sampling" else ("adaptive-tree", "adaptive")
 
 
 def main() -> None:
@@ -34,6 +43,7 @@ def main() -> None:
                          "prompts, whose own ease decides which static k wins; needs sizes x this many prompts)")
     ap.add_argument("--sections", default="A,B,C")
     ap.add_argument("--modes", default="greedy,sampling", help="section A: greedy, sampling (T=0.7) or both")
+    ap.add_argument("--sampling-batch-sizes", default="4,16", help="section C: batch sizes (one batch each)")
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - {"greedy", "sampling"}:
@@ -57,11 +67,12 @@ def main() -> None:
     summary: dict = {}
 
     if "A" in sections:
-        methods = ["vanilla", "hf-assisted", "hf-assisted-heuristic", *STATIC, "heuristic", "confidence",
-                   "smartspec", *TREES, *OURS]
         for mode, sample in (("greedy", False), ("sampling", True)):
             if mode not in modes:
                 continue
+            methods = ["vanilla", "hf-assisted", "hf-assisted-heuristic", *STATIC, "heuristic", "confidence",
+                       "smartspec", *TREES, *(OURS_SAMPLING if sample else OURS)]
+            tree_m, chain_m = shapes(mode)
             res = run_benchmark(f"adaptive_batch1_{mode}", target, draft, prompts[: args.n_prompts], methods,
                                 batch_sizes=[1], do_sample=sample, **common)
             print(res.table())
@@ -77,9 +88,11 @@ def main() -> None:
                 "ours_vs_best_static_paired": vs_static["paired"],
                 "ours_vs_best_static_paired_range": [vs_static["paired_min"], vs_static["paired_max"]],
                 "ours_vs_best_static_held_out": vs_static.get("held_out"),
-                "tree_vs_chain_accepted_per_pass": (by["adaptive-tree"].accepted_per_step or 0)
-                / max(by["adaptive"].accepted_per_step or 1e-9, 1e-9),
-                "tree_vs_chain_speed": by["adaptive-tree"].tokens_per_s / by["adaptive"].tokens_per_s,
+                "ours_is": "trees" if sample else "chains",  # what the default adaptive planned
+                "tree_vs_chain_accepted_per_pass": (by[tree_m].accepted_per_step or 0)
+                / max(by[chain_m].accepted_per_step or 1e-9, 1e-9),
+                "tree_vs_chain_speed": by[tree_m].tokens_per_s / by[chain_m].tokens_per_s,
+                "tree_vs_chain_speed_paired": speed_ratios(res.rows, tree_m, [chain_m])["paired"],
             }
 
     if "B" in sections:
@@ -106,9 +119,24 @@ def main() -> None:
         write_results(res, args.out)
 
     if "C" in sections:
+        sizes = [int(b) for b in args.sampling_batch_sizes.split(",")]
         res = run_benchmark("adaptive_tree_vs_chain_sampling", target, draft, prompts,
-                            ["vanilla", "static-4", *TREES, *OURS], batch_sizes=[4, 16], n_batches=1,
-                            do_sample=True, **common)
+                            ["vanilla", "static-1", "static-4", *TREES, *OURS_SAMPLING], batch_sizes=sizes,
+                            n_batches=1, do_sample=True, **common)
+        rows = {(r.method, r.batch): r for r in res.rows}
+        section_c = {}
+        for b in sizes:
+            at = [r for r in res.rows if r.batch == b]
+            tree = speed_ratios(at, "adaptive", ["adaptive-chain"])
+            vs = speed_ratios(at, "adaptive", ["vanilla", "static-1", "static-4"])
+            section_c[b] = {"tree_vs_chain": tree["hindsight"], "tree_vs_chain_paired": tree["paired"],
+                            "tree_vs_chain_paired_range": [tree["paired_min"], tree["paired_max"]],
+                            "ours_vs_best_of_vanilla_static1_static4": vs["hindsight"], "best": vs["best"],
+                            "ours_vs_best_paired": vs["paired"],
+                            "accepted_per_pass_tree_chain": [rows[("adaptive", b)].accepted_per_step,
+                                                             rows[("adaptive-chain", b)].accepted_per_step]}
+        summary["sampling_tree_vs_chain"] = section_c
+        res.config["summary"] = section_c
         print(res.table())
         write_results(res, args.out)
 

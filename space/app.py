@@ -79,7 +79,8 @@ def build_app(store: Store, spec: ModelSpec | None = None) -> gr.Blocks:
                         max_new = gr.Slider(8, 512, value=96, step=8, label="Max new tokens", elem_id="max-new")
                     with gr.Row():
                         policy = gr.Dropdown(POLICIES, value="adaptive", label="Draft policy", elem_id="policy",
-                                             info="adaptive: efficiency model · adaptive-tree: token trees · "
+                                             info="adaptive: efficiency model (token trees when sampling, chains "
+                                                  "when greedy) · adaptive-chain / adaptive-tree: one shape always · "
                                                   "static-4 · heuristic: HF's +2/−1")
                         slo = gr.Number(value=50, label="SLO: TPOT (ms)", minimum=0, elem_id="slo",
                                         info="time per output token; 0 = none")

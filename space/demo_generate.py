@@ -21,7 +21,7 @@ from demo_models import Loaded, Store
 
 logger = logging.getLogger("adaspec_hf.space")
 
-POLICIES = ["adaptive", "adaptive-tree", "static-4", "heuristic"]
+POLICIES = ["adaptive", "adaptive-chain", "adaptive-tree", "static-4", "heuristic"]
 METHODS = ("plain", "hf", "ours")
 TITLES = {"plain": "Plain generation", "hf": "HF assisted generation", "ours": "adaspec-hf (adaptive=True)"}
 DRAFT, TARGET = "accepted from draft", "produced by target"

@@ -47,19 +47,32 @@ def test_fixed_policies_by_name(name, cls, attrs):
 
 
 @pytest.mark.parametrize("name,cls,tree", [("adaptive", AdaptivePlanner, False), ("adaptive-tree", AdaptivePlanner, True),
+                                           ("adaptive-chain", AdaptivePlanner, False),
                                            ("smartspec", SmartSpec, False), ("slo", SLOPlanner, False),
                                            ("slo-tree", SLOPlanner, True)])
 def test_planners_by_name_share_the_pair_state(no_profiling, name, cls, tree):
     target, draft = pair("llama")
     p = make_policy(name, target, draft)
-    assert type(p) is cls and p.needs_profile and p.name == name
+    assert type(p) is cls and p.needs_profile and p.name == {"adaptive-chain": "adaptive"}.get(name, name)
     assert (p.max_children > 1) == tree
     state = B.pair_state(target, draft)
     assert p.latency is state.latency and p.observed is state.observed and p.mode is state.greedy
     sampled = make_policy(name, target, draft, sampling=True)
     assert sampled.mode is state.sampling and sampled.acceptance is not p.acceptance
+    assert sampled.tree == (tree or name == "adaptive")  # the default grows trees when sampling
     fresh = make_policy(name, target, draft, fresh=True)
     assert fresh.latency is not state.latency and fresh.observed is not state.observed
+
+
+def test_the_default_planner_grows_trees_when_sampling_and_chains_when_greedy(no_profiling):
+    target, draft = pair("llama")
+    assert AdaptiveConfig().policy == "adaptive"
+    greedy, sampled = make_policy(None, target, draft), make_policy(None, target, draft, sampling=True)
+    assert (greedy.tree, greedy.name, greedy.max_children) == (False, "adaptive", 1)
+    assert (sampled.tree, sampled.name, sampled.max_children) == (True, "adaptive-tree", AdaptiveConfig().max_children)
+    for sampling in (False, True):  # the explicit shapes ignore the mode
+        assert not make_policy("adaptive-chain", target, draft, sampling=sampling).tree
+        assert make_policy("adaptive-tree", target, draft, sampling=sampling).tree
 
 
 def test_config_reaches_the_planner(no_profiling):
