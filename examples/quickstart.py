@@ -50,6 +50,11 @@ def main() -> None:
     assert torch.equal(plain, tree), "token trees are lossless too"
     print(f"adaptive-tree (max_depth=6): {target.adaspec_stats.tokens_per_step:.2f} tokens per pass; "
           f"config recorded: {target.adaspec_stats.config['policy']}")
+    # sampling: the default planner grows token trees there (chains when greedy); same distribution as
+    # plain sampling, so only the speed differs
+    target.generate(**inputs, max_new_tokens=32, do_sample=True, temperature=0.7, assistant_model=draft, adaptive=True)
+    print(f"sampled at T=0.7: the default planned with {target.adaspec_stats.policy} "
+          f"({target.adaspec_stats.tokens_per_step:.2f} tokens per pass)")
     if tok is not None:
         for row in fast:
             print(repr(tok.decode(row, skip_special_tokens=True)))

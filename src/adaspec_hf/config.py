@@ -46,9 +46,10 @@ def _from_dict(cls, data: Mapping[str, Any]):
 
 @dataclass(frozen=True)
 class AdaptiveConfig:
-    """How the adaptive decoder speculates. ``policy`` is a registry name (``"adaptive"``,
-    ``"adaptive-tree"``, ``"static-4"``, ``"tree-4x2"``, ``"heuristic"``, ``"confidence-0.4"``,
-    ``"smartspec"``, ``"slo"``, ``"slo-tree"``); the other fields tune the planners (fixed-shape
+    """How the adaptive decoder speculates. ``policy`` is a registry name (``"adaptive"``: trees
+    when sampling, chains when greedy; ``"adaptive-chain"``, ``"adaptive-tree"``, ``"static-4"``,
+    ``"tree-4x2"``, ``"heuristic"``, ``"confidence-0.4"``, ``"smartspec"``, ``"slo"``,
+    ``"slo-tree"``); the other fields tune the planners (fixed-shape
     policies ignore them).
 
     The defaults are the values the benchmarks measured; each names a trade-off:

@@ -142,7 +142,8 @@ def adaptive_generate(
     """``model.generate(..., assistant_model=draft, adaptive=True)``; see :func:`enable`.
 
     ``draft_policy`` picks how much to speculate: ``"adaptive"`` (default: the fitted efficiency
-    model), ``"static-K"``, ``"heuristic"``, ``"confidence"``, ``"smartspec"`` or a
+    model, planning token trees when sampling and chains when greedy), ``"adaptive-chain"`` /
+    ``"adaptive-tree"`` (one shape always), ``"static-K"``, ``"heuristic"``, ``"confidence"``, ``"smartspec"`` or a
     :class:`~adaspec_hf.policies.base.DraftPolicy`. ``adaptive_config`` (an
     :class:`~adaspec_hf.config.AdaptiveConfig`, its ``to_dict()`` or a policy name) carries the
     policy with its planner tunables; ``draft_policy="static-4"`` is shorthand for its ``policy``.
