@@ -273,3 +273,23 @@ def test_chain_and_tree_planners_keep_their_own_draft_level_cost():
     simulate(chain, trace, ProfileCost(lat))
     assert shared.draft_per_level(1, "tree") == tree_level
     assert shared.draft_per_level(1, "chain") is not None and chain._draft_cost(1, 1, 10) < tree._draft_cost(1, 1, 10)
+
+
+def test_tree_planner_looks_ahead_with_its_first_levels_runners_up():
+    """A row whose top children are accepted too rarely for any chain to pay past the verify's jump
+    from one token to two may still pay as a tree: its first level's runners-up are further chances
+    at the same position. The chain planner stays idle there; the tree planner drafts once it has
+    seen what the runners-up are worth, and not when they are worth little."""
+    ctx = StepContext(rows=1, context_len=torch.tensor([20]), remaining=torch.tensor([50]), sampling=True, step=1,
+                      row_ids=torch.tensor([0]), ends_together=True)
+    depth = {}
+    for name, tree, siblings in (("chain", False, 0.5), ("tree, runners-up unseen", True, None),
+                                 ("tree", True, 0.5), ("tree, worthless runners-up", True, 0.02)):
+        jump = synthetic_latency(lambda r, t, c: 0.010 if t == 1 else 0.013, lambda r, t, c: 0.0002)
+        planner = AdaptivePlanner(jump, tree=tree, **NO_MEASURED)
+        planner._row_counts[0] = (20.0, 100.0)  # the row's top children: accepted at 0.2
+        planner.first_value[0] = 0.2
+        if tree and siblings is not None:
+            planner.first_siblings[0] = siblings
+        depth[name] = int(planner.max_depth(ctx)[0])
+    assert depth == {"chain": 0, "tree, runners-up unseen": 0, "tree": planner.cap, "tree, worthless runners-up": 0}

@@ -31,7 +31,8 @@ from adaspec_hf.policies.chain import plan_chain_level, select_chain
 from adaspec_hf.policies.choice import skip_draft
 from adaspec_hf.policies.learning import ROW_PRIOR_NODES, learn_acceptance
 from adaspec_hf.policies.selection import goodput_budget
-from adaspec_hf.policies.tree_plan import commit_tree_level, plan_tree_level, recorded_values, select_tree
+from adaspec_hf.policies.tree_plan import (commit_tree_level, plan_tree_level, recorded_values, select_tree,
+                                           tree_lookahead)
 from adaspec_hf.core.tree import DraftTree, top_among_siblings
 
 logger = logging.getLogger("adaspec_hf")
@@ -133,6 +134,7 @@ class AdaptivePlanner(DraftPolicy):
     def reset(self) -> None:
         self.alpha: dict[int, float] = {}  # per-row EMA of the acceptance rate of drafted nodes
         self.first_value: dict[int, float] = {}  # per-row EMA of the best level-1 candidate's value
+        self.first_siblings: dict[int, float] = {}  # trees: per-row EMA of the level-1 runners-up's summed value
         self._row_counts: dict[int, tuple[float, float]] = {}  # per-row decayed (accepted, tested) node counts
         self._row_calib: dict[int, tuple[float, float]] = {}  # per-row decayed (accepted, predicted) over tested top children
         self.row_lookup = RowLookup()
@@ -146,6 +148,7 @@ class AdaptivePlanner(DraftPolicy):
     def forget(self, row_id: int) -> None:
         self.alpha.pop(row_id, None)
         self.first_value.pop(row_id, None)
+        self.first_siblings.pop(row_id, None)
         self._row_counts.pop(row_id, None)
         self._row_calib.pop(row_id, None)
         self.row_lookup.forget(row_id)
@@ -196,6 +199,8 @@ class AdaptivePlanner(DraftPolicy):
         gains = (row_gains * weight[:, None]).sum(0)
         worth = float(weight.sum())
         goodput = (gains + worth) / (self.latency.overhead + ks * draft1 + verify[ks])
+        if self.tree and self.first_siblings:
+            goodput = np.maximum(goodput, tree_lookahead(self, ids, row_gains, weight, worth, ks, draft1, verify))
         best_k = int(ks[np.argmax(goodput)]) if goodput.max() > worth / (self.latency.overhead + verify[0]) else 0
         length = min(PROBE_LENGTHS[self.probes % len(PROBE_LENGTHS)], self.cap)
         if self.probe_every and self.idle_steps >= self.probe_gap and (

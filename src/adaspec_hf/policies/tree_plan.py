@@ -173,6 +173,19 @@ def _draft_level_cost(self: "AdaptivePlanner", width: int) -> F32:
     return cost
 
 
+def tree_lookahead(self: "AdaptivePlanner", ids: list[int], row_gains: np.ndarray, weight: np.ndarray,
+                   worth: float, ks: np.ndarray, draft1: float, verify: np.ndarray) -> np.ndarray:
+    """Goodput of a chain of each length plus its first level's runners-up, at their recent
+    summed value (siblings are accepted one at most, so values add) and the verify's extra width.
+    Looking ahead over chains alone, a tree planner stopped drafting whenever its row's rate
+    dipped: sampled at T=0.7 on the built-in pair it drafted nothing in 13-21% of batch-1 steps,
+    where the top child is accepted at ~0.5 and the next three at ~0.2, 0.1 and 0.05."""
+    sib = np.asarray([self.first_siblings.get(r, 0.0) for r in ids], dtype=np.float64)
+    gains = ((row_gains + sib[:, None]) * weight[:, None]).sum(0)
+    wide = np.minimum(ks + self.max_children - 1, len(verify) - 1)
+    return (gains + worth) / (self.latency.overhead + ks * draft1 + verify[wide])
+
+
 def plan_tree_level(self: "AdaptivePlanner", ctx: LevelContext, v: np.ndarray, node_path: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(n_add, n_expand) per row maximising predicted goodput, from this level's candidate values
@@ -183,6 +196,8 @@ def plan_tree_level(self: "AdaptivePlanner", ctx: LevelContext, v: np.ndarray, n
         rw = self.config.row_ema
         for r, best_v in zip(ids, v[:, 0].tolist()):
             self.first_value[r] = (1 - rw) * self.first_value.get(r, best_v) + rw * best_v
+        for r, sib in zip(ids, v[:, 1: self.max_children].sum(1).tolist()):
+            self.first_siblings[r] = (1 - rw) * self.first_siblings.get(r, sib) + rw * sib
     st = self._step
     weight = st.row_weight[:, None]  # what each row's tokens are worth to the call (see AdaptivePlanner._row_weights)
     v = (v * weight).astype(F32)
