@@ -105,6 +105,36 @@ def test_serving_run_reports_attainment_and_goodput_per_slo_class(tmp_path, monk
     assert "tight/loose goodput" in res.table()
 
 
+def test_serving_run_samples_at_the_given_temperature(tmp_path, monkeypatch):
+    """``temperature``: every request, the warm-up's too, samples at it, and planners take the
+    sampling calibration (``"adaptive"`` then plans token trees, as ``generate`` does)."""
+    monkeypatch.setenv("ADASPEC_HF_CACHE", str(tmp_path))
+    from adaspec_hf.bench.serving import make_system_policy, run_system
+    from adaspec_hf.bench.workload import Workload, WorkloadRequest
+    from adaspec_hf.policies import build as B
+    from adaspec_hf.serving.engine import Engine
+    from test_policies_registry import synthetic_profile
+
+    target, draft = pair("llama")
+    seen, submit = [], Engine.submit
+
+    def spy(self, prompt, max_new_tokens=64, **kw):
+        seen.append((kw.get("do_sample"), kw.get("temperature")))
+        return submit(self, prompt, max_new_tokens, **kw)
+
+    monkeypatch.setattr(Engine, "submit", spy)
+    reqs = [WorkloadRequest(i, 0.0, [5 + i, 9, 14, 3], 8, "loose", None) for i in range(3)]
+    out = run_system("static-2", target, draft, None, Workload(reqs, rate=1.0, arrival="poisson", seed=0),
+                     warmup=1, temperature=0.9)["metrics"]
+    assert out["finished"] == 3 and seen == [(True, 0.9)] * 4
+    seen.clear()
+    run_system("static-2", target, draft, None, Workload(reqs, rate=1.0, arrival="poisson", seed=0), warmup=1)
+    assert seen == [(None, None)] * 4  # greedy: nothing passed, the engine's default
+    monkeypatch.setattr(B, "load_or_profile", lambda t, d, quick=True: synthetic_profile())
+    sampled, greedy = (make_system_policy("adaptive", target, draft, sampling=s) for s in (True, False))
+    assert sampled.tree and not greedy.tree  # the sampling flag reached the registry
+
+
 def test_prompt_lookup_method_names():
     assert resolve_method("hf-prompt-lookup-k10").batch1_only
     assert not resolve_method("lookup:adaptive").batch1_only

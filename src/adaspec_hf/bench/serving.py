@@ -97,24 +97,27 @@ def slo_classes(cal: Calibration, *, tight: float = 1.2, loose: float = 3.0, tig
 
 
 # -------------------------------------------------------------------------------------- systems
-def make_system_policy(name: str, target, draft):
+def make_system_policy(name: str, target, draft, *, sampling: bool = False):
     """A fresh policy per system: its own latency corrections and acceptance calibration (the
     profiled latency grid is shared, measured once per pair), so compared systems do not learn
-    from each other."""
-    return make_policy(name, target, draft, fresh=True)
+    from each other. ``sampling``: the workload samples, so planners take the sampling calibration
+    (and ``"adaptive"`` plans trees, as ``generate`` does when sampling)."""
+    return make_policy(name, target, draft, fresh=True, sampling=sampling)
 
 
 def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max_rows: int = 8,
                warmup: int = 4, drain_timeout: float = 15.0, seed: int = 0, policy=None,
-               engine_thread: bool = False) -> dict:
+               engine_thread: bool = False, temperature: float | None = None) -> dict:
     """Replay ``workload`` in real time on a fresh engine; return metrics and per-request records.
 
     The engine's step loop runs in this (the main) thread (:meth:`Engine.run`) and a client thread
     replays the arrivals, as a CPU deployment should run it; ``engine_thread=True``: the engine's own
-    background thread steps instead (slower on a CPU: see :meth:`Engine.run`)."""
+    background thread steps instead (slower on a CPU: see :meth:`Engine.run`). ``temperature``: every
+    request samples at it (greedy when None or 0)."""
     from adaspec_hf.serving.engine import Engine
 
-    policy = policy if policy is not None else make_system_policy(system, target, draft)
+    sample = dict(do_sample=True, temperature=float(temperature)) if temperature else {}
+    policy = policy if policy is not None else make_system_policy(system, target, draft, sampling=bool(sample))
     latency = policy.latency
     if latency is None:  # every system gets the same latency-model-based admission
         latency = fresh_state(target, draft).latency
@@ -124,7 +127,7 @@ def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max
 
     def client() -> None:
         try:
-            warm = [engine.submit(r.prompt_ids, max_new_tokens=min(16, r.max_new_tokens))
+            warm = [engine.submit(r.prompt_ids, max_new_tokens=min(16, r.max_new_tokens), **sample)
                     for r in workload.requests[:warmup]]
             for h in warm:
                 h.result()
@@ -134,7 +137,8 @@ def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max
                 delay = t0 + r.arrival - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-                box["handles"].append((r, engine.submit(r.prompt_ids, max_new_tokens=r.max_new_tokens, slo=r.slo)))
+                box["handles"].append((r, engine.submit(r.prompt_ids, max_new_tokens=r.max_new_tokens, slo=r.slo,
+                                                        **sample)))
             deadline = t0 + workload.duration + drain_timeout
             for _, h in box["handles"]:
                 try:
@@ -285,6 +289,7 @@ def run_serving_benchmark(
     progress: bool = True,
     extra_config: dict | None = None,
     engine_thread: bool = False,
+    temperature: float | None = None,
 ) -> ServingBenchResult:
     """Calibrate, build one seeded workload per rate, replay it for every system; see the module doc."""
     # one workload template to calibrate on (same prompts / lengths as the real ones)
@@ -301,6 +306,7 @@ def run_serving_benchmark(
         "systems": list(systems), "rates": rates, "duration_s": duration, "arrival": arrival,
         "cv": cv if arrival == "gamma" else None, "output_len": output_len, "max_rows": max_rows, "seed": seed,
         "step_loop": "engine thread" if engine_thread else "main thread (Engine.run)",
+        "temperature": temperature or None,
         "calibration": {k: round(v, 5) for k, v in asdict(cal).items()},
         "slo_classes": [asdict(c) for c in classes], "machine": machine_info(), "load_before": load_averages(),
         "target_params": sum(p.numel() for p in target.parameters()),
@@ -318,7 +324,8 @@ def run_serving_benchmark(
         for system in systems:
             t0 = time.perf_counter()
             out = run_system(system, target, draft, tokenizer, wl, max_rows=max_rows, warmup=warmup,
-                             drain_timeout=drain_timeout, seed=seed, engine_thread=engine_thread)
+                             drain_timeout=drain_timeout, seed=seed, engine_thread=engine_thread,
+                             temperature=temperature)
             m = out["metrics"]
             m["load"] = load_averages()
             result.rows.append(m)

@@ -94,6 +94,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-thread", action="store_true",
                    help="step the engine on its own background thread (default: in the main thread, Engine.run, "
                         "with arrivals replayed from a client thread; on a CPU the background loop runs slower)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="every request samples at this temperature (0: greedy); planners take the sampling "
+                        "calibration, and 'adaptive' plans token trees, as generate() does when sampling")
     p.add_argument("--name", default="serving")
     p.add_argument("--out", default=str(RESULTS_DIR))
 
@@ -129,7 +132,7 @@ def serve_cli(args: argparse.Namespace) -> int:
         output_len=_parse_output_len(args.output_len), tight=args.tight, loose=args.loose,
         tight_fraction=args.tight_fraction, ttft_scale=args.ttft_scale, max_rows=args.max_rows,
         warmup=args.warmup, drain_timeout=args.drain_timeout, seed=args.seed, name=args.name,
-        engine_thread=args.engine_thread,
+        engine_thread=args.engine_thread, temperature=args.temperature,
         extra_config={"command": " ".join(["adaspec-hf bench serve"] + sys.argv[3:]) if sys.argv[1:2] == ["bench"]
                       else " ".join(sys.argv), "threads": torch.get_num_threads(),
                       "pair_dir": args.pair_dir, "target": args.target, "draft": args.draft},
