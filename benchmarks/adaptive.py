@@ -19,17 +19,11 @@ from pathlib import Path
 
 from adaspec_hf import enable
 from adaspec_hf.bench.harness import open_pair, pair_arguments, run_benchmark, speed_ratios, write_results
+from adaspec_hf.bench.methods import our_methods, planner_shapes
 from adaspec_hf.bench.prompts import default_text_prompts, load_prompt_ids
 
 STATIC = [f"static-{k}" for k in range(1, 9)]
 TREES = ["tree-4x2", "tree-3x3"]
-OURS = ["adaptive", "adaptive-tree"]  # greedy: the default plans chains; its other shape is the tree planner
-OURS_SAMPLING = ["adaptive", "adaptive-chain"]  # sampling: the default plans trees; its other shape is chains
-
-
-def shapes(mode: str) -> tuple[str, str]:
-    """(tree method, chain method) of a mode's run: the default ``adaptive`` is one of the two."""
-    return ("adaptive", "adaptive-chain") if mode == "sampling" else ("adaptive-tree", "adaptive")
 
 
 def main() -> None:
@@ -71,8 +65,8 @@ def main() -> None:
             if mode not in modes:
                 continue
             methods = ["vanilla", "hf-assisted", "hf-assisted-heuristic", *STATIC, "heuristic", "confidence",
-                       "smartspec", *TREES, *(OURS_SAMPLING if sample else OURS)]
-            tree_m, chain_m = shapes(mode)
+                       "smartspec", *TREES, *our_methods(sample)]
+            tree_m, chain_m = planner_shapes(sample)
             res = run_benchmark(f"adaptive_batch1_{mode}", target, draft, prompts[: args.n_prompts], methods,
                                 batch_sizes=[1], do_sample=sample, **common)
             print(res.table())
@@ -98,7 +92,7 @@ def main() -> None:
     if "B" in sections:
         sizes = [int(b) for b in args.batch_sizes.split(",")]
         res = run_benchmark("adaptive_batch_sweep", target, draft, prompts, ["vanilla", *STATIC[:4], "static-6",
-                            "static-8", *OURS], batch_sizes=sizes, n_batches=args.batches_per_size, **common)
+                            "static-8", *our_methods(False)], batch_sizes=sizes, n_batches=args.batches_per_size, **common)
         rows = {(r.method, r.batch): r for r in res.rows}
         sweep = {}
         for b in sizes:
@@ -121,20 +115,21 @@ def main() -> None:
     if "C" in sections:
         sizes = [int(b) for b in args.sampling_batch_sizes.split(",")]
         res = run_benchmark("adaptive_tree_vs_chain_sampling", target, draft, prompts,
-                            ["vanilla", "static-1", "static-4", *TREES, *OURS_SAMPLING], batch_sizes=sizes,
+                            ["vanilla", "static-1", "static-4", *TREES, *our_methods(True)], batch_sizes=sizes,
                             n_batches=1, do_sample=True, **common)
+        tree_m, chain_m = planner_shapes(True)
         rows = {(r.method, r.batch): r for r in res.rows}
         section_c = {}
         for b in sizes:
             at = [r for r in res.rows if r.batch == b]
-            tree = speed_ratios(at, "adaptive", ["adaptive-chain"])
+            tree = speed_ratios(at, tree_m, [chain_m])
             vs = speed_ratios(at, "adaptive", ["vanilla", "static-1", "static-4"])
             section_c[b] = {"tree_vs_chain": tree["hindsight"], "tree_vs_chain_paired": tree["paired"],
                             "tree_vs_chain_paired_range": [tree["paired_min"], tree["paired_max"]],
                             "ours_vs_best_of_vanilla_static1_static4": vs["hindsight"], "best": vs["best"],
                             "ours_vs_best_paired": vs["paired"],
-                            "accepted_per_pass_tree_chain": [rows[("adaptive", b)].accepted_per_step,
-                                                             rows[("adaptive-chain", b)].accepted_per_step]}
+                            "accepted_per_pass_tree_chain": [rows[(tree_m, b)].accepted_per_step,
+                                                             rows[(chain_m, b)].accepted_per_step]}
         summary["sampling_tree_vs_chain"] = section_c
         res.config["summary"] = section_c
         print(res.table())

@@ -10,9 +10,10 @@ candidates at every position recorded, and every policy replayed at every batch 
 
 Reported per (draft, mode, batch): tokens/s on the cost curve, ratio to vanilla, accepted tokens
 per target pass, mean draft length, decision time share; ours / best static and ours / oracle
-(batch 1; the oracle chooses chain lengths, so trees may pass it); a mixed batch (rows the draft predicts well next to rows it does not). Each policy is
-replayed twice: the reported (warm) pass keeps what the cold first pass learnt about the pair, as a
-session's later calls do; the cold figures are reported next to it.
+(batch 1; the oracle chooses chain lengths, so trees may pass it); a mixed batch (rows the draft
+predicts well next to rows it does not). Each policy is replayed twice: the reported (warm) pass
+keeps what the cold first pass learnt about the pair, as a session's later calls do; the cold
+figures are reported next to it.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 
 from adaspec_hf.bench.drafts import perfect_draft, random_draft
 from adaspec_hf.bench.harness import machine_info, simulation_arguments
+from adaspec_hf.bench.methods import our_methods, planner_shapes
 from adaspec_hf.bench.prompts import load_prompt_ids
 from adaspec_hf.machine import is_busy, load_average
 from adaspec_hf.pair import load_models
@@ -32,8 +34,7 @@ from adaspec_hf.sim import GpuShapedCost, ProfileCost, Trace, oracle_chain, poli
 
 STATIC = list(range(0, 11))
 BASELINES = ["heuristic", "confidence", "smartspec", "tree-4x2"]
-OURS = ["adaptive", "adaptive-tree"]  # greedy: the default plans chains, its other shape is the tree planner
-OURS_SAMPLING = ["adaptive", "adaptive-chain"]  # sampling: the default plans trees, its other shape is chains
+OURS = {*our_methods(False), *our_methods(True)}
 
 
 def run_policies(names, trace: Trace, cost, target, draft, batch: int) -> dict[str, dict]:
@@ -48,7 +49,7 @@ def run_policies(names, trace: Trace, cost, target, draft, batch: int) -> dict[s
         res = cold if name.startswith("static-") else simulate(policy, trace, cost, batch=batch)
         out[name] = res.summary()
         out[name]["cold_tokens_per_s"] = round(cold.tokens_per_s, 3)
-        if batch == 1 and name in (*OURS, *OURS_SAMPLING):  # per-step series for the plot (kept small: batch 1, ours)
+        if batch == 1 and name in OURS:  # per-step series for the plot (kept small: batch 1, ours)
             out[name].update(chosen=res.chosen, accepted_per_step=res.accepted_per_step)
     return out
 
@@ -111,8 +112,8 @@ def main() -> None:
                   f"draft argmax = output at {sum(r.acceptance_rate() for r in trace.rows) / len(trace.rows):.2f} "
                   "of positions")
             for b in batches:
-                ours = OURS_SAMPLING if sampling else OURS
-                tree_m, chain_m = ("adaptive", "adaptive-chain") if sampling else ("adaptive-tree", "adaptive")
+                ours = our_methods(sampling)
+                tree_m, chain_m = planner_shapes(sampling)
                 names = [f"static-{k}" for k in STATIC] + (BASELINES if b == 1 else []) + ours
                 rows = run_policies(names, trace, cost, target, d, b)
                 van = rows["static-0"]["tokens_per_s"]

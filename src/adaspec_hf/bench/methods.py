@@ -92,6 +92,17 @@ def _original_generate(model):
     return getattr(model, "_adaspec_original_generate", None) or model.generate
 
 
+def planner_shapes(sampling: bool) -> tuple[str, str]:
+    """(tree method, chain method) of the planner in one decoding mode: the default ``adaptive`` is
+    one of the two (trees when sampling, chains when greedy), the other is named by its shape."""
+    return ("adaptive", "adaptive-chain") if sampling else ("adaptive-tree", "adaptive")
+
+
+def our_methods(sampling: bool) -> list[str]:
+    """What a benchmark runs as ours in one mode: the default first, then the planner's other shape."""
+    return ["adaptive", *(m for m in planner_shapes(sampling) if m != "adaptive")]
+
+
 def resolve_method(name: str) -> Method:
     """The method called ``name``; an unknown draft policy name raises here, before any timing."""
     if name == "vanilla":
