@@ -224,3 +224,64 @@ def test_rates_count_each_repeats_own_tokens(models, monkeypatch):
     assert row.tokens_per_s == pytest.approx(statistics.median(row.rates()))
     # rows built without per-repeat counts fall back to new_tokens for every repeat
     assert _row("x", [1.0, 2.0]).rates() == [100.0, 50.0]
+
+
+def _serving_row(system: str, seed: int, tight: float, loose: float, n_tight: int, n_loose: int,
+                 goodput: float) -> dict:
+    n = n_tight + n_loose
+    return {"rate": 1.0, "system": system, "seed": seed, "requests": n, "finished": n,
+            "slo_attainment": (tight * n_tight + loose * n_loose) / n,
+            "attainment_by_class": {"tight": tight, "loose": loose},
+            "requests_by_class": {"tight": n_tight, "loose": n_loose},
+            "goodput": goodput, "goodput_by_class": {"tight": goodput / 2, "loose": goodput / 2},
+            "throughput": goodput + 1, "accepted_per_step": 1.0, "ttft_p50": 1.0, "ttft_p99": 2.0,
+            "tpot_p50": 1.0, "tpot_p99": 2.0}
+
+
+def test_serving_runs_pool_over_workload_seeds():
+    """Attainment pools met requests over all requests (a run with more tight requests weighs more),
+    goodput is the runs' mean, and each run's figures stay visible."""
+    from adaspec_hf.bench.serving import ServingBenchResult, pool_runs
+
+    rows = [_serving_row("a", 0, 1.0, 1.0, 2, 2, 10.0), _serving_row("b", 0, 0.5, 1.0, 2, 2, 8.0),
+            _serving_row("b", 1, 0.0, 1.0, 6, 2, 4.0), _serving_row("a", 1, 0.5, 0.5, 6, 2, 6.0)]
+    pooled = {p["system"]: p for p in pool_runs(rows)}
+    assert list(pooled) == ["a", "b"]
+    a, b = pooled["a"], pooled["b"]
+    assert a["runs"] == 2 and a["seeds"] == [0, 1] and a["requests"] == 12
+    assert a["attainment_by_class"]["tight"] == pytest.approx((2 * 1.0 + 6 * 0.5) / 8)
+    assert b["attainment_by_class"]["tight"] == pytest.approx(1 / 8)
+    assert a["slo_attainment"] == pytest.approx((4 + 4) / 12)
+    assert a["goodput"] == pytest.approx(8.0) and b["goodput_by_run"] == [8.0, 4.0]
+    assert b["tight_by_run"] == [0.5, 0.0]
+    res = ServingBenchResult("t", {}, rows=rows)
+    assert res.n_seeds == 2 and "pooled" in res.to_json()
+    assert "Pooled over 2 workload seeds" in res.table()
+    one = ServingBenchResult("t", {}, rows=rows[:2])
+    assert one.n_seeds == 1 and "pooled" not in one.to_json() and "Pooled" not in one.table()
+
+
+def test_serving_benchmark_replays_every_seed_with_systems_by_turns(monkeypatch):
+    """Each seed is its own workload, every system runs it, and the order rotates from seed to seed."""
+    from adaspec_hf.bench import serving as S
+
+    calls = []
+
+    def fake_run(system, target, draft, tok, wl, **kw):
+        calls.append((system, wl.seed, kw["seed"]))
+        return {"metrics": _serving_row(system, -1, 1.0, 1.0, 1, 1, 5.0), "requests": []}
+
+    cal = S.Calibration(per_token_s=0.03, ttft_s=0.05, request_s=1.0, prompt_tokens=4, output_tokens=8)
+    monkeypatch.setattr(S, "calibrate", lambda *a, **k: cal)
+    monkeypatch.setattr(S, "run_system", fake_run)
+    monkeypatch.setattr(S, "load_averages", lambda: (0.0, 0.0, 0.0))
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    target = draft = torch.nn.Linear(2, 2)  # only counted (parameters); the runs are faked
+    res = S.run_serving_benchmark(target, draft, None, prompts, systems=["x", "y", "z"], rates=[1.0], duration=2.0,
+                                  output_len=4, seeds=[3, 4, 5], progress=False)
+    assert [c[0] for c in calls] == ["x", "y", "z", "y", "z", "x", "z", "x", "y"]
+    assert [c[1] for c in calls] == [3] * 3 + [4] * 3 + [5] * 3 and all(c[1] == c[2] for c in calls)
+    assert [r["seed"] for r in res.rows] == [3] * 3 + [4] * 3 + [5] * 3
+    assert res.config["seeds"] == [3, 4, 5] and len(res.pooled) == 3
+    with pytest.raises(ValueError, match="seeds must differ"):
+        S.run_serving_benchmark(None, None, None, prompts, systems=["x"], rates=[1.0], seeds=[1, 1], progress=False)

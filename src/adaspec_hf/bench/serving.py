@@ -16,6 +16,10 @@ Each system gets fresh latency corrections and acceptance calibration and a shor
 all use the same engine (same SLO-aware admission). A run is bounded in time: arrivals for
 ``duration`` seconds, then ``drain_timeout`` seconds before unfinished requests are cancelled and
 counted as missed. Default: 5 systems x 3 rates x (20 + <=10) s, about 8-9 minutes.
+
+One run at one rate is one draw of arrivals and prompts, and on a 2-core CPU its attainment moves
+between runs by more than systems differ; ``seeds`` replays several workloads per rate, systems by
+turns, and pools them (:func:`pool_runs`): compare systems on the pooled table.
 """
 from __future__ import annotations
 
@@ -180,15 +184,16 @@ def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max
     start = t0 + (workload.requests[0].arrival if workload.requests else 0.0)
     duration = max(last - start, 1e-6)
     metrics = compute_serving_metrics(ttft, tpot, new, met, duration)
-    by_class, goodput_by_class = {}, {}
+    by_class, goodput_by_class, n_by_class = {}, {}, {}
     for c in dict.fromkeys(rec["slo_class"] for rec in records):
         sel = [(ok, n) for rec, ok, n in zip(records, met, new) if rec["slo_class"] == c]
+        n_by_class[c] = len(sel)
         by_class[c] = sum(ok for ok, _ in sel) / len(sel)
         goodput_by_class[c] = sum(n for ok, n in sel if ok) / duration  # tokens/s of the class's SLO-meeting requests
     rows = sum(s.rows for s in steps)
     out = {
         "system": system, "policy": policy.name, "config": engine.config.to_dict(), "rate": workload.rate, **metrics,
-        "attainment_by_class": by_class, "goodput_by_class": goodput_by_class,
+        "attainment_by_class": by_class, "goodput_by_class": goodput_by_class, "requests_by_class": n_by_class,
         "finished": sum(rec["finish_reason"] in ("eos", "length", "stop") for rec in records),
         "duration_s": duration, "steps": len(steps),
         "mean_rows": rows / max(len(steps), 1),
@@ -201,6 +206,44 @@ def run_system(system: str, target, draft, tokenizer, workload: Workload, *, max
 
 
 # --------------------------------------------------------------------------------------- results
+def _f(x, fmt=".1f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def pool_runs(rows: Sequence[dict]) -> list[dict]:
+    """One row per (rate, system) over its runs (one per workload seed): attainment as met requests
+    over all requests (overall and per SLO class), goodput and throughput as the mean of the runs,
+    and each run's tight-class attainment and goodput, to show the spread. Why pool: at one rate
+    and seed, one run of a system differed from the next by more than the systems differed from
+    each other (tight-class attainment 0.47-0.93 for one system over three runs); a ratio between
+    systems is only worth writing down over several workloads."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["rate"], r["system"]), []).append(r)
+    out = []
+    for (rate, system), runs in groups.items():
+        n = sum(r["requests"] for r in runs)
+        classes = list(dict.fromkeys(c for r in runs for c in r.get("requests_by_class", {})))
+        by_class = {}
+        for c in classes:
+            n_c = sum(r["requests_by_class"].get(c, 0) for r in runs)
+            met_c = sum(r["attainment_by_class"].get(c, 0.0) * r["requests_by_class"].get(c, 0) for r in runs)
+            by_class[c] = met_c / n_c if n_c else None
+        out.append({
+            "rate": rate, "system": system, "runs": len(runs), "seeds": [r.get("seed") for r in runs],
+            "requests": n, "finished": sum(r["finished"] for r in runs),
+            "slo_attainment": sum(r["slo_attainment"] * r["requests"] for r in runs) / max(n, 1),
+            "attainment_by_class": by_class,
+            "goodput": statistics.fmean(r["goodput"] for r in runs),
+            "goodput_by_class": {c: statistics.fmean(r["goodput_by_class"].get(c, 0.0) for r in runs) for c in classes},
+            "throughput": statistics.fmean(r["throughput"] for r in runs),
+            "accepted_per_step": statistics.fmean(r["accepted_per_step"] for r in runs),
+            "tight_by_run": [r["attainment_by_class"].get("tight") for r in runs],
+            "goodput_by_run": [r["goodput"] for r in runs],
+        })
+    return out
+
+
 @dataclass
 class ServingBenchResult:
     name: str
@@ -208,24 +251,48 @@ class ServingBenchResult:
     rows: list[dict] = field(default_factory=list)
     requests: dict = field(default_factory=dict)
 
+    @property
+    def pooled(self) -> list[dict]:
+        return pool_runs(self.rows)
+
+    @property
+    def n_seeds(self) -> int:
+        return len({r.get("seed") for r in self.rows}) or 1
+
     def to_json(self) -> dict:
-        return {"name": self.name, "config": self.config, "rows": self.rows, "requests": self.requests}
+        out = {"name": self.name, "config": self.config, "rows": self.rows, "requests": self.requests}
+        if self.n_seeds > 1:
+            out["pooled"] = self.pooled
+        return out
 
     def table(self) -> str:
-        head = ("| rate (req/s) | system | SLO attainment | tight | loose | goodput (tok/s) | tight/loose goodput "
-                "| throughput (tok/s) | TTFT p50/p99 (ms) | TPOT p50/p99 (ms) | accepted/step | finished |")
-        lines = [head, "|" + "---|" * 12]
-
-        def f(x, fmt=".1f"):
-            return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+        """One line per run; with several workload seeds, the pooled table follows."""
+        seeds = self.n_seeds > 1
+        head = ("| rate (req/s) | " + ("seed | " if seeds else "") + "system | SLO attainment | tight | loose "
+                "| goodput (tok/s) | tight/loose goodput | throughput (tok/s) | TTFT p50/p99 (ms) | TPOT p50/p99 (ms) "
+                "| accepted/step | finished |")
+        lines = [head, "|" + "---|" * (13 if seeds else 12)]
         for r in self.rows:
             bc, gc = r.get("attainment_by_class", {}), r.get("goodput_by_class", {})
             lines.append(
-                f"| {r['rate']:.2f} | {r['system']} | {f(r['slo_attainment'], '.2f')} | {f(bc.get('tight'), '.2f')} "
-                f"| {f(bc.get('loose'), '.2f')} | {f(r['goodput'])} "
-                f"| {f(gc.get('tight'))}/{f(gc.get('loose'))} | {f(r['throughput'])} "
-                f"| {f(r['ttft_p50'], '.0f')}/{f(r['ttft_p99'], '.0f')} | {f(r['tpot_p50'])}/{f(r['tpot_p99'])} "
-                f"| {f(r['accepted_per_step'], '.2f')} | {r['finished']}/{r['requests']} |")
+                f"| {r['rate']:.2f} | " + (f"{r.get('seed')} | " if seeds else "")
+                + f"{r['system']} | {_f(r['slo_attainment'], '.2f')} | {_f(bc.get('tight'), '.2f')} "
+                f"| {_f(bc.get('loose'), '.2f')} | {_f(r['goodput'])} "
+                f"| {_f(gc.get('tight'))}/{_f(gc.get('loose'))} | {_f(r['throughput'])} "
+                f"| {_f(r['ttft_p50'], '.0f')}/{_f(r['ttft_p99'], '.0f')} | {_f(r['tpot_p50'])}/{_f(r['tpot_p99'])} "
+                f"| {_f(r['accepted_per_step'], '.2f')} | {r['finished']}/{r['requests']} |")
+        if seeds:
+            lines += ["", f"Pooled over {self.n_seeds} workload seeds (attainment: met / all requests; goodput: "
+                      "mean of the runs; per run: tight attainment and goodput)", "",
+                      "| rate (req/s) | system | SLO attainment | tight | loose | goodput (tok/s) | throughput (tok/s) "
+                      "| accepted/step | tight per run | goodput per run |", "|" + "---|" * 10]
+            for p in self.pooled:
+                bc = p["attainment_by_class"]
+                lines.append(
+                    f"| {p['rate']:.2f} | {p['system']} | {_f(p['slo_attainment'], '.2f')} | {_f(bc.get('tight'), '.2f')} "
+                    f"| {_f(bc.get('loose'), '.2f')} | {_f(p['goodput'])} | {_f(p['throughput'])} "
+                    f"| {_f(p['accepted_per_step'], '.2f')} | {' / '.join(_f(x, '.2f') for x in p['tight_by_run'])} "
+                    f"| {' / '.join(_f(x) for x in p['goodput_by_run'])} |")
         return "\n".join(lines)
 
 
@@ -247,8 +314,9 @@ def write_serving_results(result: ServingBenchResult, out_dir: Path | str = RESU
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for system in dict.fromkeys(r["system"] for r in result.rows):
-            pts = sorted((r["rate"], r["slo_attainment"], r["goodput"]) for r in result.rows if r["system"] == system)
+        pooled = result.pooled  # one point per rate and system (the runs' pool when there are several seeds)
+        for system in dict.fromkeys(r["system"] for r in pooled):
+            pts = sorted((r["rate"], r["slo_attainment"], r["goodput"]) for r in pooled if r["system"] == system)
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
             axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=system)
         axes[0].set_ylabel("SLO attainment")
@@ -285,16 +353,26 @@ def run_serving_benchmark(
     warmup: int = 4,
     drain_timeout: float = 10.0,
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
     name: str = "serving",
     progress: bool = True,
     extra_config: dict | None = None,
     engine_thread: bool = False,
     temperature: float | None = None,
 ) -> ServingBenchResult:
-    """Calibrate, build one seeded workload per rate, replay it for every system; see the module doc."""
+    """Calibrate, build one seeded workload per rate (and per seed of ``seeds``), replay it for every
+    system; see the module doc. ``seeds``: several workloads per rate (arrivals, prompts and lengths
+    drawn from each seed), the systems taking turns on each in an order rotated from seed to seed so
+    a drift of the machine's speed does not fall on one system; the result then pools the runs
+    (:func:`pool_runs`). Default: the one workload of ``seed``."""
+    seeds = [int(s) for s in seeds] if seeds else [int(seed)]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must differ, got {seeds}")
+    if not systems:
+        raise ValueError("no systems to run")
     # one workload template to calibrate on (same prompts / lengths as the real ones)
     probe = make_workload(prompts, 1.0, n_requests=64, output_len=output_len, tokenizer=tokenizer,
-                          max_prompt_tokens=max_prompt_tokens, seed=seed)
+                          max_prompt_tokens=max_prompt_tokens, seed=seeds[0])
     mean_out = statistics.fmean(r.max_new_tokens for r in probe.requests)
     cal = calibrate(target, [r.prompt_ids for r in probe.requests], mean_out)
     classes = slo_classes(cal, tight=tight, loose=loose, tight_fraction=tight_fraction, ttft_scale=ttft_scale)
@@ -304,7 +382,7 @@ def run_serving_benchmark(
     rates = [float(r) for r in rates]
     config = {
         "systems": list(systems), "rates": rates, "duration_s": duration, "arrival": arrival,
-        "cv": cv if arrival == "gamma" else None, "output_len": output_len, "max_rows": max_rows, "seed": seed,
+        "cv": cv if arrival == "gamma" else None, "output_len": output_len, "max_rows": max_rows, "seed": seeds[0], "seeds": seeds,
         "step_loop": "engine thread" if engine_thread else "main thread (Engine.run)",
         "temperature": temperature or None,
         "calibration": {k: round(v, 5) for k, v in asdict(cal).items()},
@@ -313,27 +391,31 @@ def run_serving_benchmark(
         "draft_params": sum(p.numel() for p in draft.parameters()), **(extra_config or {}),
     }
     result = ServingBenchResult(name, config)
-    total = len(rates) * len(systems)
+    total = len(rates) * len(seeds) * len(systems)
     done = 0
     for rate in rates:
-        wl = make_workload(prompts, rate, duration=duration, n_requests=max_requests, arrival=arrival, cv=cv,
-                           slo_classes=classes, output_len=output_len, tokenizer=tokenizer,
-                           max_prompt_tokens=max_prompt_tokens, seed=seed)
-        result.config.setdefault("workload", {})[str(rate)] = {k: v for k, v in wl.summary().items()
-                                                               if k not in ("slo_classes",)}
-        for system in systems:
-            t0 = time.perf_counter()
-            out = run_system(system, target, draft, tokenizer, wl, max_rows=max_rows, warmup=warmup,
-                             drain_timeout=drain_timeout, seed=seed, engine_thread=engine_thread,
-                             temperature=temperature)
-            m = out["metrics"]
-            m["load"] = load_averages()
-            result.rows.append(m)
-            result.requests[f"{system}@{rate}"] = out["requests"]
-            done += 1
-            if progress:
-                print(f"[{done}/{total}] rate {rate:.2f} {system:>10}: attainment {m['slo_attainment']:.2f} "
-                      f"goodput {m['goodput']:.1f} tok/s throughput {m['throughput']:.1f} tok/s "
-                      f"accepted/step {m['accepted_per_step']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for i, s in enumerate(seeds):
+            wl = make_workload(prompts, rate, duration=duration, n_requests=max_requests, arrival=arrival, cv=cv,
+                               slo_classes=classes, output_len=output_len, tokenizer=tokenizer,
+                               max_prompt_tokens=max_prompt_tokens, seed=s)
+            summary = {k: v for k, v in wl.summary().items() if k not in ("slo_classes",)}
+            key = str(rate) if len(seeds) == 1 else f"{rate}/seed{s}"
+            result.config.setdefault("workload", {})[key] = summary
+            order = list(systems[i % len(systems):]) + list(systems[:i % len(systems)])  # turns, rotated per seed
+            for system in order:
+                t0 = time.perf_counter()
+                out = run_system(system, target, draft, tokenizer, wl, max_rows=max_rows, warmup=warmup,
+                                 drain_timeout=drain_timeout, seed=s, engine_thread=engine_thread,
+                                 temperature=temperature)
+                m = out["metrics"]
+                m["seed"] = s
+                m["load"] = load_averages()
+                result.rows.append(m)
+                result.requests[f"{system}@{key}"] = out["requests"]
+                done += 1
+                if progress:
+                    print(f"[{done}/{total}] rate {rate:.2f} seed {s} {system:>10}: attainment {m['slo_attainment']:.2f} "
+                          f"goodput {m['goodput']:.1f} tok/s throughput {m['throughput']:.1f} tok/s "
+                          f"accepted/step {m['accepted_per_step']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     result.config["load_after"] = load_averages()
     return result

@@ -91,6 +91,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated workload seeds (overrides --seed): each rate replays one workload per "
+                        "seed, systems by turns, and the table and JSON pool the runs (one run's spread is "
+                        "larger than the gaps between systems)")
     p.add_argument("--engine-thread", action="store_true",
                    help="step the engine on its own background thread (default: in the main thread, Engine.run, "
                         "with arrivals replayed from a client thread; on a CPU the background loop runs slower)")
@@ -131,7 +135,8 @@ def serve_cli(args: argparse.Namespace) -> int:
         duration=args.duration, max_requests=args.max_requests, arrival=args.arrival, cv=args.cv,
         output_len=_parse_output_len(args.output_len), tight=args.tight, loose=args.loose,
         tight_fraction=args.tight_fraction, ttft_scale=args.ttft_scale, max_rows=args.max_rows,
-        warmup=args.warmup, drain_timeout=args.drain_timeout, seed=args.seed, name=args.name,
+        warmup=args.warmup, drain_timeout=args.drain_timeout, seed=args.seed,
+        seeds=[int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None, name=args.name,
         engine_thread=args.engine_thread, temperature=args.temperature,
         extra_config={"command": " ".join(["adaspec-hf bench serve"] + sys.argv[3:]) if sys.argv[1:2] == ["bench"]
                       else " ".join(sys.argv), "threads": torch.get_num_threads(),
