@@ -89,7 +89,8 @@ def test_serving_run_reports_attainment_and_goodput_per_slo_class(tmp_path, monk
     objectives has every finished request counted; the same whichever thread steps the engine."""
     monkeypatch.setenv("ADASPEC_HF_CACHE", str(tmp_path))
     from adaspec_hf import SLO
-    from adaspec_hf.bench.serving import ServingBenchResult, run_system
+    from adaspec_hf.bench.serving import run_system
+    from adaspec_hf.bench.serving_results import ServingBenchResult
     from adaspec_hf.bench.workload import Workload, WorkloadRequest
     from adaspec_hf.policies import StaticChain
 
@@ -241,7 +242,7 @@ def _serving_row(system: str, seed: int, tight: float, loose: float, n_tight: in
 def test_serving_runs_pool_over_workload_seeds():
     """Attainment pools met requests over all requests (a run with more tight requests weighs more),
     goodput is the runs' mean, and each run's figures stay visible."""
-    from adaspec_hf.bench.serving import ServingBenchResult, pool_runs
+    from adaspec_hf.bench.serving_results import ServingBenchResult, pool_runs
 
     rows = [_serving_row("a", 0, 1.0, 1.0, 2, 2, 10.0), _serving_row("b", 0, 0.5, 1.0, 2, 2, 8.0),
             _serving_row("b", 1, 0.0, 1.0, 6, 2, 4.0), _serving_row("a", 1, 0.5, 0.5, 6, 2, 6.0)]

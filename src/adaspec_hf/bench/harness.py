@@ -21,6 +21,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from adaspec_hf.bench.methods import resolve_method
+from adaspec_hf.machine import load_averages
 
 RESULTS_DIR = Path("benchmarks") / "results"
 PLOT_DPI = 120
@@ -164,6 +165,9 @@ def run_benchmark(
         "target_params": sum(p.numel() for p in target.parameters()),
         "draft_params": sum(p.numel() for p in draft.parameters()),
         "dtype": str(target.dtype), "machine": machine_info(),
+        # 1/5/15-minute load averages: a busy machine slows 2-thread torch several-fold (the 1-minute
+        # figure lags: a process that ended seconds ago still shows in it)
+        "load_before": load_averages(),
     })
     total = sum(len(batch_sizes) for _ in resolved)
     bar = tqdm(total=total, desc=name, disable=not progress)
@@ -235,6 +239,7 @@ def run_benchmark(
             result.rows.append(row)
             bar.update(1)
     bar.close()
+    result.config["load_after"] = load_averages()
     return result
 
 

@@ -9,7 +9,8 @@ import torch
 
 from adaspec_hf.bench.harness import RESULTS_DIR, run_benchmark, write_results
 from adaspec_hf.bench.prompts import default_text_prompts, load_prompt_ids
-from adaspec_hf.bench.serving import DEFAULT_SYSTEMS, run_serving_benchmark, write_serving_results
+from adaspec_hf.bench.serving import DEFAULT_SYSTEMS, run_serving_benchmark
+from adaspec_hf.bench.serving_results import write_serving_results
 from adaspec_hf.pair import load_models, load_pair, load_prompts
 
 SERVE_DESCRIPTION = "Serving benchmark: replay seeded workloads against the engine, systems side by side, one run."
