@@ -33,7 +33,7 @@ from adaspec_hf.policies.build import fresh_state
 from adaspec_hf.sim import GpuShapedCost, ProfileCost, Trace, oracle_chain, policy_on, record_trace, simulate
 
 STATIC = list(range(0, 11))
-BASELINES = ["heuristic", "confidence", "smartspec", "tree-4x2"]
+BASELINES = ["heuristic", "confidence", "smartspec", "tree-4x2", "tree-3x3"]
 OURS = {*our_methods(False), *our_methods(True)}
 
 
