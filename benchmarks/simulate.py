@@ -81,7 +81,12 @@ def main() -> None:
     ap.add_argument("--draft-level-ms", type=float, default=0.0,
                     help="with --cost profile: charge each draft level this many ms beyond its bare forward "
                          "(the real loop's per-level work; see the planner's measured draft cost per level)")
+    ap.add_argument("--verify-scale", type=float, default=1.0,
+                    help="with --cost profile: charge each verify this multiple of the profile's (the loop's "
+                         "measured verify time over the profile's; see benchmarks/step_breakdown.py)")
     args = ap.parse_args()
+    if not args.verify_scale > 0:
+        ap.error(f"--verify-scale must be > 0, got {args.verify_scale}")
 
     load = load_average()
     if is_busy(load):
@@ -107,7 +112,8 @@ def main() -> None:
                                  eos_token_id=tok.eos_token_id, outputs=outputs)
             outputs = [r.tokens for r in trace.rows]  # the target's outputs do not depend on the draft
             cost = GpuShapedCost() if args.cost == "gpu" else ProfileCost(fresh_state(target, d).latency,
-                                                                          level_extra=args.draft_level_ms / 1e3)
+                                                                          level_extra=args.draft_level_ms / 1e3,
+                                                                          verify_scale=args.verify_scale)
             print(f"\n== {dname} draft, {mode}: trace of {len(trace.rows)} rows in {time.perf_counter() - t0:.0f} s; "
                   f"draft argmax = output at {sum(r.acceptance_rate() for r in trace.rows) / len(trace.rows):.2f} "
                   "of positions")
@@ -157,6 +163,8 @@ def main() -> None:
     stem = "simulate" if args.cost == "profile" else f"simulate_{args.cost}"
     if args.draft_level_ms:
         stem += f"_level{args.draft_level_ms:g}ms"
+    if args.verify_scale != 1.0:
+        stem += f"_verify{args.verify_scale:g}x"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1))
     plot(result, out / f"{stem}.png")

@@ -516,3 +516,18 @@ def test_one_row_learning_is_the_array_paths(monkeypatch, tree):
     b = simulate(planner(lat, tree=tree), tr, ProfileCost(lat), batch=1)
     assert a.chosen == b.chosen and a.accepted == b.accepted and a.steps == b.steps
     assert seen["steps"] > 30 and (seen["runners"] > 10 or not tree)  # not vacuous
+
+
+def test_a_profile_cost_scales_its_verify_and_adds_to_each_draft_level():
+    """The replay can be charged with the loop's measured costs: every verify a multiple of the
+    profile's, every draft level the profile's forward plus a constant; nothing else moves."""
+    lat = latency()
+    base, scaled = ProfileCost(lat), ProfileCost(lat, level_extra=0.002, verify_scale=0.8)
+    for rows, q, ctx in ((1, 1, 64.0), (4, 6, 300.0), (16, 3, 1000.0)):
+        assert scaled.verify(rows, q, ctx) == pytest.approx(0.8 * base.verify(rows, q, ctx))
+        assert scaled.draft(rows, q, ctx) == pytest.approx(base.draft(rows, q, ctx) + 0.002)
+    tr = synthetic_trace(2, 80, 0.7, seed=3)
+    a, b = simulate(StaticChain(3), tr, base), simulate(StaticChain(3), tr, ProfileCost(lat, verify_scale=0.5))
+    assert (a.steps, a.accepted) == (b.steps, b.accepted) and b.tokens_per_s > a.tokens_per_s
+    with pytest.raises(ValueError, match="verify_scale"):
+        ProfileCost(lat, verify_scale=0.0)
