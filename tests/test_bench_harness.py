@@ -239,6 +239,16 @@ def _serving_row(system: str, seed: int, tight: float, loose: float, n_tight: in
             "tpot_p50": 1.0, "tpot_p99": 2.0}
 
 
+def test_serving_results_note_the_machine_load_in_the_markdown(tmp_path):
+    """The run's load averages (what decides whether its timings mean anything) reach the .md too."""
+    from adaspec_hf.bench.serving_results import ServingBenchResult, write_serving_results
+
+    res = ServingBenchResult("t", {"load_before": [0.1, 0.2, 0.3], "load_after": [1.9, 1.5, 0.9]},
+                             rows=[_serving_row("a", 0, 1.0, 1.0, 1, 1, 5.0)])
+    md = write_serving_results(res, tmp_path, plot=False)["md"].read_text()
+    assert "- load_before: [0.1, 0.2, 0.3]" in md and "- load_after: [1.9, 1.5, 0.9]" in md
+
+
 def test_serving_runs_pool_over_workload_seeds():
     """Attainment pools met requests over all requests (a run with more tight requests weighs more),
     goodput is the runs' mean, and each run's figures stay visible."""

@@ -110,7 +110,8 @@ def write_serving_results(result: ServingBenchResult, out_dir: Path | str = RESU
     paths = {"json": out_dir / f"{result.name}.json", "md": out_dir / f"{result.name}.md"}
     paths["json"].write_text(json.dumps(result.to_json(), indent=2, default=str))
     cfg = result.config
-    notes = [f"- {k}: {cfg[k]}" for k in ("command", "machine", "load", "calibration", "slo_classes", "workload")
+    notes = [f"- {k}: {cfg[k]}" for k in ("command", "machine", "load_before", "load_after", "calibration", "slo_classes",
+                                         "workload")
              if k in cfg]
     paths["md"].write_text(f"# {result.name}\n\n{result.table()}\n\n" + "\n".join(notes) + "\n")
     rates = sorted({r["rate"] for r in result.rows})
